@@ -1,0 +1,111 @@
+"""Run megatron-core on a machine without CUDA.
+
+megatron-core assumes a CUDA device in a handful of places: it asks
+``torch.cuda.current_device()`` for the device of new tensors, and its
+model-parallel RNG tracker saves and restores CUDA generator states.  On a
+CPU-only machine we route both to the CPU: the current device becomes
+``torch.device("cpu")`` and the tracker forks the CPU generator instead.
+
+The unfused softmax's default causal mask, built with ``device="cuda"``, is
+rebuilt on the CPU as well.
+
+Everything here is applied by :func:`apply_cpu_compat` and only when
+``torch.cuda.is_available()`` is false; on GPU machines nothing is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_APPLIED = False
+
+
+class CpuRNGStatesTracker:
+    """Named RNG streams on the CPU generator, with megatron's tracker interface.
+
+    Each ``add(name, seed)`` records a CPU generator state seeded with ``seed``;
+    ``fork(name)`` swaps that state in for the duration of the block and saves
+    the advanced state back, exactly what megatron's CUDA tracker does with
+    CUDA generators (so dropout in TP regions differs per rank, as on GPUs).
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise ValueError(f"rng seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.states_[name] = gen.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def apply_cpu_compat() -> bool:
+    """Patch megatron-core for CPU execution; return True when patches are active."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    # megatron seeds the "default" CUDA generator next to its tracker; without
+    # CUDA these calls would be no-ops at best, so make them seed nothing.
+    torch.cuda.manual_seed = lambda seed: None  # type: ignore[assignment]
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker  # type: ignore[misc]
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mrandom.initialize_rng_tracker = _keep_cpu_tracker
+    # The unfused softmax builds its default causal mask with device="cuda".
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as tutils
+
+    tutils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    _APPLIED = True
+    return True
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.ones(sq, sq, dtype=torch.bool).triu(diagonal=1)
+
+
+def _keep_cpu_tracker(*args, force_reset: bool = False, **kwargs) -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if force_reset or not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+        mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

@@ -1,0 +1,40 @@
+"""User-facing errors: one line, exit status 2, no traceback.
+
+A :class:`UserError` is something the user can fix (a flag, a file, a model
+that does not match).  Its message names the flag or file and says the fix.
+:func:`run_main` turns it into a single line on stderr and ``SystemExit(2)``;
+any other exception keeps its traceback, because that one is our bug.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterable, NoReturn, TypeVar
+
+T = TypeVar("T")
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error in the user's input; the message is one self-contained line."""
+
+
+def raise_collected(errors: Iterable[str]) -> None:
+    """Raise one UserError carrying every collected message, if there are any."""
+    errors = [e for e in errors if e]
+    if errors:
+        raise UserError("; ".join(errors) if len(errors) > 1 else errors[0])
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def run_main(main: Callable[[], T]) -> T:
+    """Call ``main``; a UserError becomes one stderr line and exit status 2."""
+    try:
+        return main()
+    except UserError as exc:
+        fail(" ".join(str(exc).split("\n")))
