@@ -1,0 +1,271 @@
+"""Exact parameter counts of LoRA on the fused Megatron modules.
+
+For a model preset (``--model``) or a Hugging Face checkpoint directory
+(``--hf-checkpoint``, only its ``config.json`` is read) this prints the base
+model's total parameter count and, for each ``--lora-r``, how many parameters
+LoRA trains on the chosen ``--lora-target-modules``.
+
+The counts are what the fused Megatron modules train: one adapter per fused
+module, ``A: [r, in]`` and ``B: [out, r]``.  Fusing shares ``A`` across q/k/v
+(``linear_qkv``) and across gate/up (``linear_fc1``), so per layer, with
+``h`` = hidden, ``f`` = FFN width, ``n_q``/``n_kv`` heads and ``d`` = head_dim::
+
+    linear_qkv  r * (h + (n_q + 2 n_kv) d)
+    linear_proj r * (n_q d + h)
+    linear_fc1  r * (h + 2 f)
+    linear_fc2  r * (f + h)
+
+peft on the unfused HF model trains more: it has a separate ``A`` for each of
+q, k, v, gate and up.
+
+The trainable percentage follows peft's ``print_trainable_parameters``:
+LoRA parameters over all parameters of the adapted model (base + LoRA).
+
+Usage::
+
+    python tools/lora_param_count.py --model qwen3-0.6b qwen3-4b --lora-r 8 16 32
+    python tools/lora_param_count.py --hf-checkpoint DIR --lora-r 16 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):
+    # Run as a script: make the repository root importable for `slime`.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slime.utils.errors import UserError, run_main  # noqa: E402
+
+MEGATRON_TARGETS: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+# HF module names map onto the fused module that contains them.
+TARGET_ALIASES: dict[str, str] = {
+    "q_proj": "linear_qkv",
+    "k_proj": "linear_qkv",
+    "v_proj": "linear_qkv",
+    "o_proj": "linear_proj",
+    "gate_proj": "linear_fc1",
+    "up_proj": "linear_fc1",
+    "down_proj": "linear_fc2",
+    **{name: name for name in MEGATRON_TARGETS},
+}
+ALL_LINEAR = "all-linear"
+
+_QWEN3_BASE = {
+    "model_type": "qwen3",
+    "head_dim": 128,
+    "num_key_value_heads": 8,
+    "vocab_size": 151936,
+    "attention_bias": False,
+}
+
+# Published config.json values (architecture fields only).
+PRESETS: dict[str, dict] = {
+    "qwen3-0.6b": {**_QWEN3_BASE, "num_hidden_layers": 28, "hidden_size": 1024,
+                   "intermediate_size": 3072, "num_attention_heads": 16, "tie_word_embeddings": True},
+    "qwen3-1.7b": {**_QWEN3_BASE, "num_hidden_layers": 28, "hidden_size": 2048,
+                   "intermediate_size": 6144, "num_attention_heads": 16, "tie_word_embeddings": True},
+    "qwen3-4b": {**_QWEN3_BASE, "num_hidden_layers": 36, "hidden_size": 2560,
+                 "intermediate_size": 9728, "num_attention_heads": 32, "tie_word_embeddings": True},
+    "qwen3-8b": {**_QWEN3_BASE, "num_hidden_layers": 36, "hidden_size": 4096,
+                 "intermediate_size": 12288, "num_attention_heads": 32, "tie_word_embeddings": False},
+    "qwen3-14b": {**_QWEN3_BASE, "num_hidden_layers": 40, "hidden_size": 5120,
+                  "intermediate_size": 17408, "num_attention_heads": 40, "tie_word_embeddings": False},
+    "qwen3-32b": {**_QWEN3_BASE, "num_hidden_layers": 64, "hidden_size": 5120,
+                  "intermediate_size": 25600, "num_attention_heads": 64, "tie_word_embeddings": False},
+    "smollm2-135m": {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576,
+                     "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True,
+                     "attention_bias": False, "mlp_bias": False},
+}
+
+# Dense decoder families whose layer layout the counts below describe.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The architecture numbers that determine parameter counts."""
+
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qk_norm: bool  # Qwen3: RMSNorm of size head_dim on q and on k, per layer
+    qkv_bias: bool
+    proj_bias: bool
+    mlp_bias: bool
+
+
+def dims_from_config(config: dict) -> Dims:
+    """Read a HF ``config.json`` dict, applying transformers' defaults for absent keys."""
+    model_type = config.get("model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
+            "pass --model or --hf-checkpoint of a dense Llama/Mistral/Qwen2/Qwen3 model"
+        )
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        dims = dict(
+            layers=int(config["num_hidden_layers"]),
+            ffn=int(config["intermediate_size"]),
+            vocab=int(config["vocab_size"]),
+        )
+    except KeyError as exc:
+        raise UserError(f"config.json lacks {exc.args[0]!r}; pass --hf-checkpoint of a complete HF checkpoint")
+    default_head_dim = 128 if model_type == "qwen3" else hidden // heads
+    attention_bias = bool(config.get("attention_bias", False))
+    return Dims(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or default_head_dim),
+        tied=bool(config.get("tie_word_embeddings", False)),
+        qk_norm=model_type == "qwen3",
+        # Qwen2 hard-codes a q/k/v bias and no o_proj bias; the others follow `attention_bias`.
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        proj_bias=model_type != "qwen2" and attention_bias,
+        mlp_bias=model_type == "llama" and bool(config.get("mlp_bias", False)),
+        **dims,
+    )
+
+
+def linear_shapes(d: Dims) -> dict[str, tuple[int, int]]:
+    """``(in_features, out_features)`` of each fused Megatron linear in one layer."""
+    q_out, kv_out = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    return {
+        "linear_qkv": (d.hidden, q_out + 2 * kv_out),
+        "linear_proj": (q_out, d.hidden),
+        "linear_fc1": (d.hidden, 2 * d.ffn),  # [gate; up]
+        "linear_fc2": (d.ffn, d.hidden),
+    }
+
+
+def base_param_count(d: Dims) -> int:
+    """All parameters of the base model: embedding, layers, final norm, untied output layer."""
+    shapes = linear_shapes(d)
+    biases = {"linear_qkv": d.qkv_bias, "linear_proj": d.proj_bias,
+              "linear_fc1": d.mlp_bias, "linear_fc2": d.mlp_bias}
+    per_layer = sum(i * o + (o if biases[name] else 0) for name, (i, o) in shapes.items())
+    per_layer += 2 * d.hidden  # input and post-attention RMSNorm
+    if d.qk_norm:
+        per_layer += 2 * d.head_dim
+    embedding = d.vocab * d.hidden
+    output_layer = 0 if d.tied else d.vocab * d.hidden
+    return embedding + d.layers * per_layer + d.hidden + output_layer
+
+
+def lora_param_count(d: Dims, r: int, targets: Sequence[str]) -> int:
+    """LoRA parameters on the fused modules: ``layers * sum_t r * (in_t + out_t)``."""
+    shapes = linear_shapes(d)
+    return d.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def resolve_targets(names: Sequence[str]) -> list[str]:
+    """Map Megatron names, HF aliases and ``all-linear`` (comma lists allowed) to
+    the fused Megatron module names, in canonical order, each once."""
+    chosen: set[str] = set()
+    for name in (part.strip() for item in names for part in item.split(",")):
+        if not name:
+            continue
+        if name == ALL_LINEAR:
+            chosen.update(MEGATRON_TARGETS)
+        elif name in TARGET_ALIASES:
+            chosen.add(TARGET_ALIASES[name])
+        else:
+            known = ", ".join([*TARGET_ALIASES, ALL_LINEAR])
+            raise UserError(f"--lora-target-modules: unknown module {name!r} (known: {known})")
+    if not chosen:
+        raise UserError("--lora-target-modules: no module given")
+    return [t for t in MEGATRON_TARGETS if t in chosen]
+
+
+def count_lora_params(config: dict, r: int, targets: list[str]) -> tuple[int, int]:
+    """``(total base parameters, LoRA parameters)`` for a HF config dict, rank ``r``
+    and target names (Megatron names, HF aliases or ``all-linear``)."""
+    if r < 1:
+        raise UserError(f"--lora-r must be positive integers, got {r}")
+    d = dims_from_config(config)
+    return base_param_count(d), lora_param_count(d, r, resolve_targets(targets))
+
+
+def load_hf_config(checkpoint: Path) -> dict:
+    path = checkpoint / "config.json"
+    if not path.is_file():
+        raise UserError(f"--hf-checkpoint {checkpoint}: no config.json there; pass a HF checkpoint directory")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--hf-checkpoint {checkpoint}: config.json is not valid JSON ({exc})")
+
+
+def trainable_percent(total: int, lora: int) -> float:
+    return 100.0 * lora / (total + lora)
+
+
+def build_report(name: str, config: dict, ranks: Sequence[int], targets: Sequence[str]) -> dict:
+    """Counts for every rank, as plain data (what ``--json`` prints)."""
+    rows = []
+    total = 0
+    for r in ranks:
+        total, lora = count_lora_params(config, r, list(targets))
+        rows.append({"r": r, "lora_params": lora, "trainable_percent": trainable_percent(total, lora)})
+    return {"model": name, "targets": resolve_targets(targets), "total_params": total, "lora": rows}
+
+
+def format_table(reports: Sequence[dict]) -> str:
+    """A Markdown table, one row per model: ``Model | Total params | LoRA r=8 | r=16 ...``."""
+    ranks = [row["r"] for row in reports[0]["lora"]]
+    header = ["Model", "Total params", *(("LoRA " if i == 0 else "") + f"r={r}" for i, r in enumerate(ranks))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for report in reports:
+        cells = [f"{row['lora_params']:,} ({row['trainable_percent']:.2f}%)" for row in report["lora"]]
+        lines.append("| " + " | ".join([report["model"], f"{report['total_params']:,}", *cells]) + " |")
+    lines += ["", f"LoRA targets (fused Megatron modules): {', '.join(reports[0]['targets'])}"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", nargs="+", help=f"one or more presets: {', '.join(PRESETS)}")
+    source.add_argument("--hf-checkpoint", type=Path, help="a HF checkpoint directory (reads config.json)")
+    parser.add_argument("--lora-r", type=int, nargs="+", default=[8, 16, 32], help="LoRA ranks")
+    parser.add_argument("--lora-target-modules", nargs="+", default=[ALL_LINEAR],
+                        help="Megatron names, HF names or all-linear (default); an HF name selects "
+                        "its whole fused module (q_proj trains all of linear_qkv)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return parser.parse_args(argv)
+
+
+def load_configs(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """``(name, config.json dict)`` for each ``--model`` preset or the ``--hf-checkpoint``."""
+    if args.hf_checkpoint is not None:
+        return [(args.hf_checkpoint.name, load_hf_config(args.hf_checkpoint))]
+    unknown = [m for m in args.model if m not in PRESETS]
+    if unknown:
+        raise UserError(f"--model {', '.join(unknown)} is unknown; choose from {', '.join(PRESETS)}")
+    return [(m, PRESETS[m]) for m in args.model]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    reports = [build_report(name, config, args.lora_r, args.lora_target_modules)
+               for name, config in load_configs(args)]
+    print(json.dumps(reports, indent=2) if args.json else format_table(reports))
+
+
+if __name__ == "__main__":
+    run_main(main)
