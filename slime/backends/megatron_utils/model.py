@@ -1,0 +1,105 @@
+"""Build the megatron-core policy, put LoRA in it, and its optimizer.
+
+The order is the point (the guide's sketch got it wrong):
+
+    model provider (GPTModel per chunk) -> LoRA wrap + freeze -> load base weights
+        -> optimizer over requires_grad parameters
+
+LoRA enters in :func:`get_model`, before any gradient buffer or optimizer state exists, and
+base weights load afterwards under their original names (``LoRALinear`` maps them).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from slime.backends.megatron_utils.arch import ModelArch
+from slime.backends.megatron_utils.optimizer import LRSchedule, TrainOptimizer
+
+
+def params_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
+
+
+def model_provider(args: argparse.Namespace, arch: ModelArch, *, pre_process: bool = True,
+                   post_process: bool = True, vp_stage: int | None = None) -> nn.Module:
+    """One megatron-core GPTModel chunk with the local (non-TransformerEngine) layer spec."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    tp = args.tensor_model_parallel_size
+    config = arch.transformer_config(
+        tp_size=tp, pp_size=args.pipeline_model_parallel_size, sequence_parallel=getattr(args, "sequence_parallel", False),
+        params_dtype=params_dtype(args), recompute=getattr(args, "recompute_activations", False),
+        init_weights=getattr(args, "hf_checkpoint", None) is None,
+    )
+    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    return GPTModel(
+        config, spec, vocab_size=arch.padded_vocab_size(tp), max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process, post_process=post_process, parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="rope",
+        rotary_base=arch.rope_theta, vp_stage=vp_stage,
+    )
+
+
+def get_model(args: argparse.Namespace, arch: ModelArch) -> list[nn.Module]:
+    """All chunks of this rank, with LoRA already in place when ``--use-lora`` is set."""
+    from megatron.core import parallel_state
+
+    chunks = [model_provider(args, arch, pre_process=parallel_state.is_pipeline_first_stage(),
+                             post_process=parallel_state.is_pipeline_last_stage())]
+    if getattr(args, "use_lora", False):
+        from slime_plugins.lora.megatron_lora_hook import apply_lora_to_megatron_model
+
+        chunks = apply_lora_to_megatron_model(chunks, args)
+    return chunks
+
+
+class ModelAndOptimizer(NamedTuple):
+    model: list[nn.Module]
+    optimizer: TrainOptimizer | None
+    arch: ModelArch
+    iteration: int
+
+
+def build_optimizer(args: argparse.Namespace, chunks: list[nn.Module]) -> TrainOptimizer:
+    schedule = LRSchedule(lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
+                          decay_style=args.lr_decay_style, decay_iters=args.lr_decay_iters)
+    return TrainOptimizer(chunks, schedule, weight_decay=args.weight_decay,
+                          betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad)
+
+
+def initialize_model_and_optimizer(args: argparse.Namespace, role: str = "actor",
+                                   arch: ModelArch | None = None) -> ModelAndOptimizer:
+    """Model chunks (LoRA inside), base weights loaded, optimizer over the trainable parameters.
+
+    ``role="ref"`` builds a frozen model without optimizer (the full-parameter KL reference).
+    """
+    if arch is None:
+        arch = ModelArch.from_checkpoint(args.hf_checkpoint)
+    chunks = get_model(args, arch) if role == "actor" else get_model(_without_lora(args), arch)
+    checkpoint = args.hf_checkpoint if role == "actor" else (args.ref_load or args.hf_checkpoint)
+    if checkpoint is not None:
+        from slime.backends.megatron_utils.hf_convert import load_hf_weights
+
+        load_hf_weights(chunks, arch, checkpoint)
+    if role != "actor":
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        return ModelAndOptimizer(chunks, None, arch, 0)
+    if getattr(args, "use_lora", False) and getattr(args, "lora_adapter_path", None):
+        from slime_plugins.lora.peft_io import load_peft_adapter
+
+        load_peft_adapter(chunks, arch, args.lora_adapter_path, args)
+    return ModelAndOptimizer(chunks, build_optimizer(args, chunks), arch, 0)
+
+
+def _without_lora(args: argparse.Namespace) -> argparse.Namespace:
+    copy = argparse.Namespace(**vars(args))
+    copy.use_lora = False
+    return copy

@@ -1,0 +1,229 @@
+"""Command-line flags of ``train.py``, grouped as in slime, validated at start-up.
+
+Every problem found by :func:`validate_args` is collected first and then raised as one
+:class:`~slime.utils.errors.UserError`, so a user fixes all of them in one go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from slime.utils.errors import EXIT_USER_ERROR, UserError
+
+DEFAULT_LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends in one line (not a usage dump) and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("cluster")
+    g.add_argument("--actor-num-nodes", type=int, default=1)
+    g.add_argument("--actor-num-gpus-per-node", type=int, default=None,
+                   help="training processes per node (on a machine without GPUs: CPU processes); default TP x PP")
+    g.add_argument("--colocate", action="store_true", help="rollout and training share the same bundles")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("model and checkpoints")
+    g.add_argument("--hf-checkpoint", type=str, default=None, help="Hugging Face model directory (config, safetensors, tokenizer)")
+    g.add_argument("--load", type=str, default=None, help="resume from this --save directory")
+    g.add_argument("--save", type=str, default=None, help="write checkpoints (adapter-only with --use-lora) here")
+    g.add_argument("--save-interval", type=int, default=None, help="save every N rollouts (and at the end)")
+    g.add_argument("--ref-load", type=str, default=None, help="reference model for KL without LoRA (HF directory)")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute (fp32 by default)")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--recompute-activations", action="store_true", help="recompute each layer in backward")
+    return parser
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--global-batch-size", type=int, default=None, help="samples per optimizer step (default: one step per rollout)")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward/backward")
+    g.add_argument("--max-tokens-per-micro-batch", type=int, default=None,
+                   help="pack variable-length samples into micro-batches of at most this many tokens")
+    g.add_argument("--lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=["constant", "cosine", "linear"], default="constant")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.98)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    return parser
+
+
+def add_algorithm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("RL algorithm")
+    g.add_argument("--advantage-estimator", choices=["grpo", "dr_grpo", "reinforce"], default="grpo",
+                   help="grpo: (r - mean) / std per group; dr_grpo: r - mean; reinforce: raw reward")
+    g.add_argument("--n-samples-per-prompt", type=int, default=1)
+    g.add_argument("--eps-clip", type=float, default=0.2)
+    g.add_argument("--eps-clip-high", type=float, default=None)
+    g.add_argument("--use-kl-loss", action="store_true")
+    g.add_argument("--kl-loss-coef", type=float, default=0.0)
+    g.add_argument("--kl-loss-type", choices=["k1", "k2", "k3", "low_var_kl"], default="low_var_kl")
+    g.add_argument("--entropy-coef", type=float, default=0.0)
+    g.add_argument("--check-logprob-gap", type=float, default=None,
+                   help="fail when mean |logp_rollout - logp_train| exceeds this (default 1e-3 fp32, 5e-2 bf16; 0 disables)")
+    return parser
+
+
+def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("rollout and data")
+    g.add_argument("--rollout-engine", choices=["hf"], default="hf", help="hf: built-in transformers + peft engine")
+    g.add_argument("--prompt-data", type=str, default=None, help="jsonl (or parquet) of prompts")
+    g.add_argument("--input-key", type=str, default="prompt")
+    g.add_argument("--label-key", type=str, default="label")
+    g.add_argument("--metadata-key", type=str, default="metadata")
+    g.add_argument("--apply-chat-template", action="store_true")
+    g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per rollout")
+    g.add_argument("--rollout-max-response-len", type=int, default=256)
+    g.add_argument("--rollout-temperature", type=float, default=1.0)
+    g.add_argument("--rollout-top-p", type=float, default=1.0)
+    g.add_argument("--rollout-top-k", type=int, default=-1)
+    g.add_argument("--num-rollout", type=int, default=None)
+    g.add_argument("--num-epoch", type=int, default=None)
+    g.add_argument("--rollout-num-threads", type=int, default=None, help="torch threads of the built-in engine")
+    g.add_argument("--rm-type", type=str, default="math", help="math or exact")
+    g.add_argument("--custom-rm-path", type=str, default=None, help="module.path:function or file.py:function")
+    g.add_argument("--eval-prompt-data", type=str, nargs="+", default=None, metavar="NAME PATH")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--n-samples-per-eval-prompt", type=int, default=1)
+    g.add_argument("--eval-temperature", type=float, default=0.0)
+    g.add_argument("--eval-max-response-len", type=int, default=None)
+    return parser
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("logging")
+    g.add_argument("--log-dir", type=str, default=None, help="metrics.jsonl and curves.png go here")
+    g.add_argument("--use-wandb", action="store_true")
+    g.add_argument("--wandb-project", type=str, default="slime-lora")
+    g.add_argument("--use-tensorboard", action="store_true")
+    return parser
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The LoRA flags; ``--lora-r`` becomes ``adapter_config.json["r"]``, and so on."""
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--use-lora", action="store_true", help="train low-rank adapters instead of the full model")
+    g.add_argument("--lora-r", type=int, default=8, help="rank r of the adapters")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="scaling is alpha / r")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input")
+    g.add_argument("--lora-target-modules", type=str, nargs="+", default=list(DEFAULT_LORA_TARGETS),
+                   help="Megatron module names (linear_qkv linear_proj linear_fc1 linear_fc2), their HF aliases "
+                        "(q_proj ... down_proj), 'all-linear', or globs over dotted names")
+    g.add_argument("--lora-only-trainable", action=argparse.BooleanOptionalAction, default=True,
+                   help="freeze every non-LoRA parameter (default); --no-lora-only-trainable trains the base too")
+    g.add_argument("--lora-use-rslora", action="store_true", help="scaling alpha / sqrt(r) (rank-stabilised LoRA)")
+    g.add_argument("--lora-verbose", action="store_true", help="log every wrapped module, not only the first layer's")
+    g.add_argument("--lora-adapter-path", type=str, default=None, help="start from this PEFT adapter directory")
+    return parser
+
+
+def add_slime_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    for add in (add_cluster_arguments, add_model_arguments, add_training_arguments, add_algorithm_arguments,
+                add_rollout_arguments, add_logging_arguments):
+        parser = add(parser)
+    parser = add_lora_arguments(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_slime_arguments(_Parser(prog="train.py", description="RL post-training with optional LoRA"))
+
+
+def validate_lora_args(args: argparse.Namespace) -> list[str]:
+    from slime_plugins.lora.lora_layer import ALL_LINEAR, HF_TO_MEGATRON_TARGETS, validate_lora_hparams
+
+    if not args.use_lora:
+        return []
+    errors = validate_lora_hparams(args.lora_r, args.lora_alpha, args.lora_dropout)
+    known = set(ALL_LINEAR) | set(HF_TO_MEGATRON_TARGETS) | {"all-linear"}
+    for target in args.lora_target_modules:
+        if target not in known and not set("*?[") & set(target):
+            errors.append(f"--lora-target-modules: unknown module '{target}' (use {' '.join(ALL_LINEAR)}, "
+                          f"HF names like q_proj, 'all-linear', or a glob such as '*.layers.0.*.linear_qkv')")
+    return errors
+
+
+def validate_args(args: argparse.Namespace) -> list[str]:
+    """Every problem with the flags, each one line naming the flag and the fix."""
+    errors: list[str] = []
+    positive = ["tensor_model_parallel_size", "pipeline_model_parallel_size", "actor_num_nodes", "micro_batch_size",
+                "rollout_batch_size", "rollout_max_response_len", "n_samples_per_prompt", "n_samples_per_eval_prompt"]
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            errors.append(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    for name in ("num_rollout", "num_epoch", "save_interval", "eval_interval", "actor_num_gpus_per_node",
+                 "global_batch_size", "max_tokens_per_micro_batch", "eval_max_response_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            errors.append(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if args.lr <= 0 or not math.isfinite(args.lr):
+        errors.append(f"--lr must be a positive number (got {args.lr})")
+    if args.rollout_temperature <= 0:
+        errors.append("--rollout-temperature must be > 0 (sampling); use --eval-temperature 0 for greedy evaluation")
+    if not 0 < args.rollout_top_p <= 1:
+        errors.append(f"--rollout-top-p must be in (0, 1] (got {args.rollout_top_p})")
+    if args.eval_temperature < 0:
+        errors.append(f"--eval-temperature must be >= 0 (got {args.eval_temperature})")
+    if args.eval_prompt_data is not None and len(args.eval_prompt_data) % 2:
+        errors.append("--eval-prompt-data takes NAME PATH pairs, e.g. --eval-prompt-data arith eval.jsonl")
+    if args.custom_rm_path is None and args.rm_type not in ("math", "exact"):
+        errors.append(f"--rm-type '{args.rm_type}' is unknown; use math or exact, or give --custom-rm-path")
+    if args.use_kl_loss and args.kl_loss_coef < 0:
+        errors.append("--kl-loss-coef must be >= 0")
+    if args.check_logprob_gap is not None and args.check_logprob_gap < 0:
+        errors.append("--check-logprob-gap must be >= 0 (0 disables the check)")
+    dp_world = (args.actor_num_gpus_per_node or 0) * args.actor_num_nodes
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if args.actor_num_gpus_per_node is not None and dp_world % model_parallel:
+        errors.append(f"--actor-num-nodes x --actor-num-gpus-per-node ({dp_world}) must be a multiple of TP x PP "
+                      f"({model_parallel})")
+    return errors + validate_lora_args(args)
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill defaults that depend on other flags."""
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if args.actor_num_gpus_per_node is None:
+        args.actor_num_gpus_per_node = -(-model_parallel // args.actor_num_nodes)
+    args.world_size = args.actor_num_nodes * args.actor_num_gpus_per_node
+    args.data_parallel_size = args.world_size // model_parallel
+    if args.global_batch_size is None:
+        args.global_batch_size = args.rollout_batch_size * args.n_samples_per_prompt
+    if args.eval_max_response_len is None:
+        args.eval_max_response_len = args.rollout_max_response_len
+    if args.eps_clip_high is None:
+        args.eps_clip_high = args.eps_clip
+    if args.check_logprob_gap is None:
+        args.check_logprob_gap = 5e-2 if args.bf16 else 1e-3
+    if args.num_rollout is None and args.num_epoch is None:
+        args.num_rollout = 1
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, validate (all errors at once, as one UserError) and finalise the flags."""
+    args = build_parser().parse_args(argv)
+    errors = validate_args(args)
+    if errors:
+        raise UserError("; ".join(errors))
+    return finalize_args(args)

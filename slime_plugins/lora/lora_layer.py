@@ -1,0 +1,363 @@
+"""Low-rank adapters (LoRA) for plain and Megatron tensor-parallel linear layers.
+
+A :class:`LoRALinear` wraps a frozen linear layer ``W`` (never copying it) and adds
+
+    y = W x + s * B (A dropout(x)),      s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+with ``A: [r, in]`` Kaiming-uniform (a = sqrt(5)) and ``B: [out, r]`` zero, so the wrapped
+layer computes exactly what the base computed until ``B`` learns something.
+
+Shapes always come from the *local* weight shard ``W_local: [out_local, in_local]``:
+``A: [r, in_local]`` and ``B: [out_local, r]``.  Under tensor parallelism (TP) this gives
+
+* column-parallel base (``linear_qkv``, ``linear_fc1``; ``W`` split by output rows): ``A`` is
+  replicated, ``B`` split by rows like ``W``.  ``h = A x`` is identical on every rank; its
+  gradient is all-reduced over the TP group (sequence parallel: ``h`` is all-gathered along
+  the sequence and its gradient reduce-scattered), so every rank's ``A`` gets the full gradient.
+* row-parallel base (``linear_proj``, ``linear_fc2``; ``W`` split by input columns): ``A`` split
+  by columns like ``W``; the partial products ``A_local x_local`` are all-reduced
+  (reduce-scattered along the sequence under sequence parallel) before the replicated ``B``.
+
+Either way ``B_local @ A_local`` has the shape of ``W_local``, which makes :meth:`merge` local.
+A is initialised from the *global* shape with a generator seeded per module, then sliced, so
+a TP=2 run starts from exactly the adapter of a TP=1 run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import math
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Hugging Face projection names -> the fused Megatron module that holds them.
+HF_TO_MEGATRON_TARGETS: dict[str, str] = {
+    "q_proj": "linear_qkv",
+    "k_proj": "linear_qkv",
+    "v_proj": "linear_qkv",
+    "o_proj": "linear_proj",
+    "gate_proj": "linear_fc1",
+    "up_proj": "linear_fc1",
+    "down_proj": "linear_fc2",
+}
+ALL_LINEAR: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+_GLOB_CHARS = set("*?[")
+
+
+def _parallel_kind(layer: nn.Module) -> str:
+    """'plain' for nn.Linear, 'column' / 'row' for Megatron's parallel linears."""
+    if isinstance(layer, nn.Linear):
+        return "plain"
+    try:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    except ImportError:  # megatron is optional for plain torch models
+        return "unsupported"
+    if isinstance(layer, ColumnParallelLinear):
+        return "column"
+    if isinstance(layer, RowParallelLinear):
+        return "row"
+    return "unsupported"
+
+
+def _global_shape(layer: nn.Module, kind: str) -> tuple[int, int]:
+    """(out_features, in_features) of the whole, unsharded layer."""
+    if kind == "plain":
+        return layer.out_features, layer.in_features
+    return layer.output_size, layer.input_size
+
+
+def _tp_rank_and_size(layer: nn.Module) -> tuple[int, int]:
+    group = getattr(layer, "tp_group", None)
+    if group is None or not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+
+
+def _module_seed(seed: int, name: str) -> int:
+    """A stable per-module seed, independent of TP size and of process."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer plus a trainable low-rank update; see the module docstring for the math.
+
+    ``forward`` returns what the base returns: a tensor for ``nn.Linear``, the
+    ``(output, bias)`` tuple for Megatron's parallel linears (bias passed through).
+    State: ``merged`` (delta folded into ``W``) and ``disabled`` (delta skipped) are changed
+    only by :meth:`merge`, :meth:`unmerge` and :func:`disable_adapters`.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        init_seed: int = 0,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.kind = _parallel_kind(base_layer)
+        if self.kind == "unsupported":
+            raise ValueError(f"LoRA target {name or base_layer!r}: unsupported layer type {type(base_layer).__name__}")
+        if self.kind == "column" and getattr(base_layer, "gather_output", False):
+            raise ValueError(f"LoRA target {name}: column-parallel layers with gather_output=True are not supported")
+        if self.kind == "row" and not getattr(base_layer, "input_is_parallel", True):
+            raise ValueError(f"LoRA target {name}: row-parallel layers need input_is_parallel=True")
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora = use_rslora
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.sequence_parallel = bool(getattr(base_layer, "sequence_parallel", False))
+        self.merged = False
+        self.disabled = False
+
+        weight = base_layer.weight
+        out_local, in_local = weight.shape
+        factory = dict(dtype=weight.dtype, device=weight.device)
+        self.lora_A = nn.Parameter(self._init_A(r, in_local, init_seed, name).to(**factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_local, r, **factory))
+        self._mark_tensor_parallel()
+        self.register_state_dict_post_hook(_save_base_under_own_names)
+        self.register_load_state_dict_pre_hook(_load_base_from_own_names)
+        self.register_load_state_dict_post_hook(_lora_keys_are_optional)
+
+    def _init_A(self, r: int, in_local: int, seed: int, name: str) -> torch.Tensor:
+        """Kaiming-uniform(a=sqrt(5)) over the global ``[r, in]``, then this rank's columns."""
+        _, in_global = _global_shape(self.base_layer, self.kind)
+        full = torch.empty(r, in_global)
+        gen = torch.Generator().manual_seed(_module_seed(seed, name))
+        bound = 1.0 / math.sqrt(in_global)  # kaiming_uniform_ with a=sqrt(5) reduces to this
+        full.uniform_(-bound, bound, generator=gen)
+        if self.kind != "row":
+            return full
+        rank, _ = _tp_rank_and_size(self.base_layer)
+        return full[:, rank * in_local : (rank + 1) * in_local].clone()
+
+    def _mark_tensor_parallel(self) -> None:
+        """Tag parameters the way megatron tags its own, so grad-norm and sync treat them right."""
+        split, replicated = (self.lora_B, self.lora_A) if self.kind == "column" else (self.lora_A, self.lora_B)
+        if self.kind == "plain":
+            split, replicated = None, None
+        for p in (self.lora_A, self.lora_B):
+            p.tensor_model_parallel = p is split and _tp_rank_and_size(self.base_layer)[1] > 1
+            p.partition_dim = 0 if self.kind == "column" else 1
+            p.partition_stride = 1
+        if replicated is not None and self.sequence_parallel:
+            # Each rank sees only its slice of the sequence: these gradients are partial sums.
+            replicated.sequence_parallel = True
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters this layer adds: ``[lora_A, lora_B]``."""
+        return [self.lora_A, self.lora_B]
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}"
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * B A dropout(x)`` with the TP communication of the base layer's kind."""
+        fork = contextlib.nullcontext()
+        if self.kind == "row" and self.training and isinstance(self.lora_dropout, nn.Dropout):
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+            # x is this rank's slice of the input: dropout masks must differ per rank.
+            fork = get_cuda_rng_tracker().fork()
+        with fork:
+            h = F.linear(self.lora_dropout(x), self.lora_A)
+        h = self._communicate(h)
+        return F.linear(h, self.lora_B) * self.scaling
+
+    def _communicate(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "plain":
+            return h
+        from megatron.core.tensor_parallel import mappings
+
+        group = self.base_layer.tp_group
+        if self.kind == "column":
+            if self.sequence_parallel:
+                return mappings.gather_from_sequence_parallel_region(h, group=group)
+            return mappings.copy_to_tensor_model_parallel_region(h, group=group)
+        if self.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_parallel_region(h, group=group)
+        return mappings.reduce_from_tensor_model_parallel_region(h, group=group)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return out
+        if isinstance(out, tuple):
+            result, bias = out
+            return result + self.delta(x).to(result.dtype), bias
+        return out + self.delta(x).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``s * B @ A`` into this rank's base weight shard; forward then skips the delta."""
+        if not self.merged:
+            self.base_layer.weight.add_((self.lora_B @ self.lora_A).to(self.base_layer.weight.dtype), alpha=self.scaling)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (up to floating-point rounding)."""
+        if self.merged:
+            self.base_layer.weight.sub_((self.lora_B @ self.lora_A).to(self.base_layer.weight.dtype), alpha=self.scaling)
+            self.merged = False
+
+
+def _save_base_under_own_names(module, state_dict, prefix, local_metadata) -> None:
+    """``x.base_layer.weight`` is saved as ``x.weight``: base checkpoints keep their names."""
+    inner = prefix + "base_layer."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _load_base_from_own_names(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """``x.weight`` (a base checkpoint's name) loads into ``x.base_layer.weight``."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if "." not in rest and rest not in ("lora_A", "lora_B"):
+            state_dict[prefix + "base_layer." + rest] = state_dict.pop(key)
+
+
+def _lora_keys_are_optional(module, incompatible_keys) -> None:
+    """A base checkpoint has no LoRA tensors: loading it keeps the fresh adapter."""
+    missing = incompatible_keys.missing_keys
+    for key in [k for k in missing if k.endswith((".lora_A", ".lora_B")) or k in ("lora_A", "lora_B")]:
+        missing.remove(key)
+
+
+def resolve_targets(target_modules: Iterable[str]) -> list[str]:
+    """Expand ``all-linear`` and Hugging Face aliases into Megatron names, keeping order, no repeats."""
+    resolved: list[str] = []
+    for target in target_modules:
+        names = ALL_LINEAR if target == "all-linear" else (HF_TO_MEGATRON_TARGETS.get(target, target),)
+        resolved.extend(n for n in names if n not in resolved)
+    return resolved
+
+
+def _matches(target: str, name: str) -> bool:
+    if _GLOB_CHARS & set(target):
+        return fnmatch.fnmatchcase(name, target)
+    return name.rsplit(".", 1)[-1] == target
+
+
+def validate_lora_hparams(r, lora_alpha, lora_dropout) -> list[str]:
+    """Every problem with the scalar hyper-parameters, one message each, naming the flag."""
+    errors = []
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        errors.append(f"--lora-r must be an integer >= 1 (got {r!r})")
+    if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
+        errors.append(f"--lora-alpha must be > 0 (got {lora_alpha!r})")
+    if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+        errors.append(f"--lora-dropout must be in [0, 1) (got {lora_dropout!r})")
+    return errors
+
+
+def find_lora_targets(model: nn.Module, target_modules: Iterable[str]) -> tuple[dict[str, nn.Module], list[str]]:
+    """Modules to wrap (by dotted name) and one error per target that matched nothing.
+
+    A target matches a module's own attribute name exactly (``linear_fc1`` matches
+    ``decoder.layers.0.mlp.linear_fc1`` and never ``linear_fc10``) or, when it contains glob
+    characters, the full dotted name (``*.layers.0.*.linear_qkv``).  A LoRALinear and
+    everything inside it are never matched again.
+    """
+    targets = resolve_targets(target_modules)
+    inside_lora = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    found: dict[str, nn.Module] = {}
+    hits = {t: 0 for t in targets}
+    for name, module in model.named_modules():
+        if not name or isinstance(module, LoRALinear) or any(name.startswith(p + ".") for p in inside_lora):
+            continue
+        for target in targets:
+            if _matches(target, name):
+                found[name] = module
+                hits[target] += 1
+    errors = [f"--lora-target-modules: '{t}' matches no module of the model" for t, n in hits.items() if n == 0]
+    return found, errors
+
+
+def apply_lora_to_model(
+    model: nn.Module,
+    target_modules: Iterable[str],
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float = 0.0,
+    *,
+    use_rslora: bool = False,
+    init_seed: int = 0,
+) -> list[str]:
+    """Wrap every targeted linear of ``model`` in a :class:`LoRALinear`, in place.
+
+    Returns the dotted names of the wrapped modules.  All problems (bad hyper-parameters, a
+    target matching nothing, an unsupported layer type, ``r`` above a layer's smaller
+    dimension) are collected and raised together as one ``ValueError`` naming flag and target.
+    """
+    target_modules = list(target_modules)
+    errors = validate_lora_hparams(r, lora_alpha, lora_dropout)
+    found, match_errors = find_lora_targets(model, target_modules)
+    errors += match_errors
+    for name, module in found.items():
+        kind = _parallel_kind(module)
+        if kind == "unsupported":
+            errors.append(f"--lora-target-modules: '{name}' is a {type(module).__name__}, not a linear layer")
+        elif isinstance(r, int) and r >= 1:
+            out_f, in_f = _global_shape(module, kind)
+            if r > min(out_f, in_f):
+                errors.append(f"--lora-r {r} exceeds the smaller dimension ({min(out_f, in_f)}) of '{name}'")
+    if errors:
+        raise ValueError("; ".join(errors))
+    for name, module in found.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped = LoRALinear(module, r, lora_alpha, lora_dropout, use_rslora=use_rslora, init_seed=init_seed, name=name)
+        setattr(parent, attr, wrapped)
+    return list(found)
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, m in lora_modules(model) for p in m.lora_parameters()]
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module | Iterable[nn.Module]):
+    """Run the base model: every LoRALinear skips its delta inside the block.
+
+    This is how the reference policy is computed for KL: same weights, adapters off.
+    """
+    chunks = [model] if isinstance(model, nn.Module) else list(model)
+    layers = [m for c in chunks for _, m in lora_modules(c)]
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, previous):
+            m.disabled = was
+
+
+def merge_lora(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.unmerge()

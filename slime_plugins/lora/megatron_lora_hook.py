@@ -1,0 +1,126 @@
+"""Put LoRA into a megatron-core model: wrap the targets, freeze the base, log what happened.
+
+Called from the model provider (``slime.backends.megatron_utils.model.get_model``) on the
+freshly built chunks, before any DDP wrapper, gradient buffer or optimizer exists, so the
+optimizer only ever sees the adapter parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from slime.utils.errors import UserError
+from slime_plugins.lora.lora_layer import apply_lora_to_model, resolve_targets
+
+_RULE = "=" * 80
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """Strip DDP / Float16Module-style wrappers (anything holding the model in ``.module``)."""
+    while hasattr(module, "module") and isinstance(module.module, nn.Module):
+        module = module.module
+    return module
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _log(message: str = "") -> None:
+    if _is_rank0():
+        print(message, flush=True)
+
+
+def _global_param_counts(chunks: Sequence[nn.Module]) -> tuple[int, int]:
+    """(total, trainable) over the whole model: TP shards and PP stages summed, replicas once."""
+    total = trainable = 0
+    for chunk in chunks:
+        for p in chunk.parameters():
+            tp_size = _tp_world_size() if getattr(p, "tensor_model_parallel", False) else 1
+            total += p.numel() * tp_size
+            trainable += p.numel() * tp_size if p.requires_grad else 0
+    if dist.is_initialized():
+        try:
+            from megatron.core import parallel_state
+
+            group = parallel_state.get_pipeline_model_parallel_group()
+        except (ImportError, AssertionError, AttributeError):
+            group = None
+        if group is not None and dist.get_world_size(group) > 1:
+            counts = torch.tensor([total, trainable], dtype=torch.float64)
+            dist.all_reduce(counts, group=group)
+            total, trainable = (int(c) for c in counts.tolist())
+    return total, trainable
+
+
+def _tp_world_size() -> int:
+    try:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_world_size()
+    except (ImportError, AssertionError, AttributeError):
+        return 1
+
+
+def _log_applied(chunk_index: int, names: list[str], verbose: bool) -> None:
+    _log(f"\nApplying LoRA to model chunk {chunk_index}...")
+    first_layer = min((int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))), default=None)
+    hidden = 0
+    for name in names:
+        match = _LAYER_INDEX.search(name)
+        if verbose or match is None or int(match.group(1)) == first_layer:
+            _log(f"Applied LoRA to: {name}")
+        else:
+            hidden += 1
+    if hidden:
+        _log(f"... and {hidden} more modules in later layers (--lora-verbose lists them)")
+
+
+def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module], args: argparse.Namespace) -> list[nn.Module]:
+    """Wrap ``args.lora_target_modules`` of every chunk in LoRA and freeze the rest.
+
+    ``model`` is a list of chunks (virtual pipeline stages) or one module; wrappers are
+    unwrapped.  With ``--lora-only-trainable`` (the default) every non-LoRA parameter gets
+    ``requires_grad=False``.  Returns the list of chunks.
+    """
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    targets = resolve_targets(args.lora_target_modules)
+    _log(_RULE)
+    _log("Applying LoRA to model...")
+    _log(_RULE)
+    _log("LoRA Configuration:")
+    _log(f"  - Rank (r): {args.lora_r}")
+    _log(f"  - Alpha: {args.lora_alpha}")
+    _log(f"  - Dropout: {args.lora_dropout}")
+    _log(f"  - Target modules: {targets}")
+    _log(f"  - Scaling: {'alpha / sqrt(r)' if getattr(args, 'lora_use_rslora', False) else 'alpha / r'}")
+    _log(_RULE)
+    for index, chunk in enumerate(chunks):
+        inner = unwrap_model(chunk)
+        try:
+            names = apply_lora_to_model(
+                inner, targets, args.lora_r, args.lora_alpha, args.lora_dropout,
+                use_rslora=getattr(args, "lora_use_rslora", False), init_seed=getattr(args, "seed", 0),
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        _log_applied(index, names, getattr(args, "lora_verbose", False))
+        if getattr(args, "lora_only_trainable", True):
+            for name, param in inner.named_parameters():
+                param.requires_grad_(".lora_A" in name or ".lora_B" in name or name in ("lora_A", "lora_B"))
+    total, trainable = _global_param_counts(chunks)
+    _log()
+    _log(_RULE)
+    _log("LoRA applied successfully!")
+    _log(f"  - Total parameters: {total:,}")
+    _log(f"  - Trainable parameters: {trainable:,}")
+    _log(f"  - Trainable %: {100.0 * trainable / max(total, 1):.2f}%")
+    _log(_RULE)
+    return chunks
