@@ -1,0 +1,168 @@
+"""PromptDataset on the real SmolLM2 tokenizer: parsing, errors, sampling, resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoTokenizer
+
+from slime.rollout.data import PromptDataset, Sample
+from slime.utils.errors import UserError
+from slime.utils.model_prep import prepare_model
+
+QUESTION = "What is 2 + 3? Answer with just the number."
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return AutoTokenizer.from_pretrained(prepare_model("smollm2-135m-instruct"))
+
+
+def _write(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _numbered(tmp_path: Path, n: int) -> Path:
+    return _write(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "label": str(i)} for i in range(n)])
+
+
+def test_message_list_with_chat_template(tmp_path: Path, tokenizer: Any) -> None:
+    rows = [{"prompt": [{"role": "user", "content": QUESTION}], "label": "5", "metadata": {"a": 2, "b": 3}}]
+    ds = PromptDataset(_write(tmp_path / "p.jsonl", rows), tokenizer, apply_chat_template=True)
+    (sample,) = ds.samples()
+    assert sample.prompt.endswith(f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+    assert (sample.index, sample.label, sample.metadata) == (0, "5", {"a": 2, "b": 3})
+    # Ids tokenise the text exactly: no BOS added on top of the template.
+    assert tokenizer.decode(sample.prompt_token_ids) == sample.prompt
+    assert sample.prompt_token_ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert (sample.response, sample.response_token_ids, sample.rollout_logprobs) == ("", [], [])
+    assert sample.reward is None and sample.group_index is None
+
+
+def test_plain_string_becomes_one_user_message(tmp_path: Path, tokenizer: Any) -> None:
+    path = _write(tmp_path / "p.jsonl", [{"prompt": QUESTION}])
+    templated = PromptDataset(path, tokenizer, apply_chat_template=True).samples()[0]
+    messages = [{"role": "user", "content": QUESTION}]
+    assert templated.prompt == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raw = PromptDataset(path, tokenizer).samples()[0]
+    assert raw.prompt == QUESTION and raw.label is None and raw.metadata == {}
+    assert raw.prompt_token_ids == tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+
+
+def test_custom_keys_and_from_args(tmp_path: Path, tokenizer: Any) -> None:
+    path = _write(tmp_path / "p.jsonl", [{"question": "hi", "answer": 7, "info": {"src": "x"}}, ""])
+    args = argparse.Namespace(prompt_data=str(path), input_key="question", label_key="answer",
+                              metadata_key="info", apply_chat_template=False, seed=1)
+    ds = PromptDataset.from_args(args, tokenizer)
+    assert len(ds) == 1  # the blank line is skipped
+    assert ds.samples()[0] == Sample(index=0, prompt="hi", prompt_token_ids=ds.samples()[0].prompt_token_ids,
+                                     label=7, metadata={"src": "x"})
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"prompt": "ok"}', "{not json"], r"p\.jsonl:2: not valid JSON"),
+        (['{"prompt": "ok"}', '{"question": "x"}'], r"p\.jsonl:2: no 'prompt' field \(set --input-key"),
+        (['[1, 2]'], r"p\.jsonl:1: expected a JSON object, got list"),
+        (['{"prompt": 3}'], r"p\.jsonl:1: 'prompt' must be a string or a list of"),
+        (['{"prompt": [{"role": "user"}]}'], r"p\.jsonl:1: 'prompt' must be a string or a list of"),
+        (['{"prompt": "x", "metadata": [1]}'], r"p\.jsonl:1: 'metadata' must be a JSON object, got list"),
+        (['{"prompt": [{"role": "user", "content": "x"}]}'], r"p\.jsonl:1: 'prompt' is a message list; add --apply"),
+        ([""], r"--prompt-data .*p\.jsonl: the file holds no prompts"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path: Path, tokenizer: Any, lines: list[str], message: str) -> None:
+    path = _write(tmp_path / "p.jsonl", lines)
+    with pytest.raises(UserError, match=message):
+        PromptDataset(path, tokenizer)
+
+
+def test_missing_file_names_the_flag(tmp_path: Path, tokenizer: Any) -> None:
+    with pytest.raises(UserError, match=r"--eval-prompt-data .*nope\.jsonl: file not found"):
+        PromptDataset(tmp_path / "nope.jsonl", tokenizer, flag="--eval-prompt-data")
+
+
+def test_chat_template_required_for_apply_chat_template(tmp_path: Path, tokenizer: Any) -> None:
+    bare = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    bare.chat_template = None
+    with pytest.raises(UserError, match="the tokenizer has no chat template; drop the flag"):
+        PromptDataset(_numbered(tmp_path, 2), bare, apply_chat_template=True)
+
+
+def test_parquet(tmp_path: Path, tokenizer: Any) -> None:
+    path = tmp_path / "p.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        path.write_bytes(b"PAR1")
+        with pytest.raises(UserError, match=r"reading parquet needs pyarrow; `pip install pyarrow`"):
+            PromptDataset(path, tokenizer)
+        return
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "label": "1"}, {"question": "b"}]), path)
+    with pytest.raises(UserError, match=r"p\.parquet:row 2: no 'prompt' field"):
+        PromptDataset(path, tokenizer)
+
+
+def _labels(batch: list[Sample]) -> list[str]:
+    return [s.label for s in batch]
+
+
+def test_epochs_shuffle_with_seed_plus_epoch(tmp_path: Path, tokenizer: Any) -> None:
+    ds = PromptDataset(_numbered(tmp_path, 5), tokenizer, seed=3)
+    first = _labels(ds.next_batch(3))
+    assert ds.epoch == 0
+    straddling = _labels(ds.next_batch(4))  # 2 from epoch 0, 2 from epoch 1
+    assert ds.epoch == 1
+    expected = [str(i) for i in range(5)]
+    random.Random(3).shuffle(expected)
+    assert first + straddling[:2] == expected
+    # Epoch e is shuffled with seed + e: a dataset seeded 4 starts with epoch 1's order.
+    shifted = PromptDataset(_numbered(tmp_path, 5), tokenizer, seed=4)
+    assert _labels(shifted.next_batch(2)) == straddling[2:]
+
+
+def test_no_shuffle_walks_file_order(tmp_path: Path, tokenizer: Any) -> None:
+    ds = PromptDataset(_numbered(tmp_path, 3), tokenizer, shuffle=False)
+    assert [s.index for s in ds.next_batch(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert ds.epoch == 2
+
+
+def test_batches_are_copies(tmp_path: Path, tokenizer: Any) -> None:
+    ds = PromptDataset(_numbered(tmp_path, 1), tokenizer)
+    first = ds.next_batch(1)[0]
+    first.response, first.metadata["x"] = "changed", 1
+    again = ds.next_batch(1)[0]
+    assert again.response == "" and again.metadata == {}
+
+
+def test_resume_gives_the_same_next_batches(tmp_path: Path, tokenizer: Any) -> None:
+    path = _numbered(tmp_path, 7)
+    original = PromptDataset(path, tokenizer, seed=11)
+    original.next_batch(5)
+    state = json.loads(json.dumps(original.state_dict()))  # survives a JSON checkpoint
+    resumed = PromptDataset(path, tokenizer, seed=11)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == original.epoch == 0
+    for _ in range(3):
+        assert _labels(resumed.next_batch(4)) == _labels(original.next_batch(4))
+    assert resumed.state_dict() == original.state_dict()
+
+
+def test_resume_with_a_changed_file_is_refused(tmp_path: Path, tokenizer: Any) -> None:
+    state = PromptDataset(_numbered(tmp_path, 4), tokenizer).state_dict()
+    other = PromptDataset(_numbered(tmp_path, 6), tokenizer)
+    with pytest.raises(UserError, match="state is for 4 prompts but the file now holds 6"):
+        other.load_state_dict(state)
+
+
+def test_next_batch_rejects_non_positive(tmp_path: Path, tokenizer: Any) -> None:
+    with pytest.raises(ValueError, match="n >= 1"):
+        PromptDataset(_numbered(tmp_path, 2), tokenizer).next_batch(0)
