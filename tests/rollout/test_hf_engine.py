@@ -1,0 +1,291 @@
+"""Tests for the transformers+peft rollout engine, on tiny random Llama checkpoints.
+
+Every reference below is computed the slow, obvious way: a full forward pass over
+prompt+response with no cache and no padding, one sequence at a time.
+
+Benchmark (not a test): ``.venv/bin/python tests/rollout/test_hf_engine.py`` times
+32 sequences x 48 new tokens (8 distinct prompts of 64 tokens, 4 samples each, T=1,
+no early stop) on a random Llama shaped like SmolLM2-135M (hidden 576, 30 layers,
+9 heads, 3 KV heads, FFN 1536, vocab 49152), fp32, 2 threads, with and without
+prefix sharing.  Measured once on the 2-core dev machine: see ``_benchmark``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slime.rollout.engine import GenerateOutput, RolloutEngine, SamplingParams
+from slime.rollout.hf_engine import HFRolloutEngine
+from slime.utils.errors import UserError
+
+EOS = 1
+# Prompts of different lengths (left padding matters) and one duplicate (prefix sharing).
+PROMPTS = [[5, 17, 3, 44, 9, 12, 30], [8, 2], [60, 61, 62, 63, 7], [5, 17, 3, 44, 9, 12, 30], [11]]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny_llama(seed: int) -> LlamaForCausalLM:
+    # A large init range makes the random model's distributions peaked, so greedy
+    # decoding is far from ties and different models give different tokens.
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("llama")
+    _tiny_llama(seed=0).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def peft_reference(checkpoint, tmp_path_factory):
+    """A PeftModel with a random (nonzero-B) LoRA on all linear layers, and its saved directory."""
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, init_lora_weights=False)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(checkpoint), config).eval()
+    path = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(path)
+    return model, str(path)
+
+
+@pytest.fixture
+def engine(checkpoint) -> HFRolloutEngine:
+    return HFRolloutEngine(checkpoint)
+
+
+def _full_forward_logprobs(model: torch.nn.Module, prompt: list[int], response: list[int], temperature: float):
+    """``(log_softmax(logits / T) at each response token, argmax at each response position)``, no cache."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+    positions = logits[len(prompt) - 1 : len(prompt) + len(response) - 1]
+    logp = torch.log_softmax(positions / temperature, dim=-1)
+    return logp.gather(1, torch.tensor(response)[:, None]).squeeze(1), positions.argmax(-1)
+
+
+def _assert_matches_model(model, prompts, outputs: list[GenerateOutput], temperature: float, greedy: bool) -> None:
+    for prompt, out in zip(prompts, outputs):
+        logprobs, argmax = _full_forward_logprobs(model, prompt, out.token_ids, temperature)
+        torch.testing.assert_close(torch.tensor(out.logprobs), logprobs, atol=1e-5, rtol=0)
+        if greedy:
+            assert out.token_ids == argmax.tolist()
+
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=[])
+
+
+def test_engine_satisfies_protocol(engine):
+    assert isinstance(engine, RolloutEngine)
+    assert engine.health()["status"] == "ok"
+    assert engine.eos_token_ids == [EOS]
+
+
+def test_greedy_equals_step_by_step_full_recompute(engine, reference):
+    outputs = engine.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outputs):
+        ids = list(prompt)
+        for _ in range(GREEDY.max_new_tokens):
+            with torch.no_grad():
+                ids.append(int(reference(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert out.token_ids == ids[len(prompt) :]
+        assert out.finish_reason == "length" and len(out.logprobs) == GREEDY.max_new_tokens
+    assert len({tuple(o.token_ids) for o in outputs}) > 2  # the check is not vacuous
+    _assert_matches_model(reference, PROMPTS, outputs, temperature=1.0, greedy=True)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(-1, 1.0), (20, 0.9)])
+def test_sampled_logprobs_are_untruncated_tempered_log_softmax(engine, reference, top_k, top_p):
+    params = SamplingParams(max_new_tokens=10, temperature=0.7, top_k=top_k, top_p=top_p, seed=3, stop_token_ids=[])
+    outputs = engine.generate(PROMPTS, params)
+    _assert_matches_model(reference, PROMPTS, outputs, temperature=0.7, greedy=False)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (-1, 1e-6)])
+def test_extreme_truncation_is_greedy(engine, top_k, top_p):
+    sampled = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_k=top_k, top_p=top_p))
+    greedy = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0))
+    assert [o.token_ids for o in sampled] == [o.token_ids for o in greedy]
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(engine):
+    def run(seed):
+        params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=seed, stop_token_ids=[])
+        return [(o.token_ids, o.logprobs) for o in engine.generate(PROMPTS, params)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_stop_token_ends_only_its_sequence(engine):
+    free = engine.generate(PROMPTS, GREEDY)
+    stop = free[0].token_ids[3]
+    params = SamplingParams(max_new_tokens=GREEDY.max_new_tokens, temperature=0.0, stop_token_ids=[stop])
+    outputs = engine.generate(PROMPTS, params)
+    assert any(stop not in f.token_ids for f in free)  # some rows must outlive the stopped ones
+    for f, out in zip(free, outputs):
+        if stop in f.token_ids:
+            end = f.token_ids.index(stop) + 1
+            assert (out.token_ids, out.finish_reason) == (f.token_ids[:end], "stop")
+            assert out.logprobs == pytest.approx(f.logprobs[:end], abs=1e-5)
+        else:
+            assert (out.token_ids, out.finish_reason) == (f.token_ids, "length")
+
+
+def test_prefix_sharing_matches_separate_prefill(checkpoint):
+    shared, separate = HFRolloutEngine(checkpoint), HFRolloutEngine(checkpoint, share_prefix=False)
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]]
+    for params in (GREEDY, SamplingParams(max_new_tokens=10, temperature=1.0, seed=5, stop_token_ids=[])):
+        a, b = shared.generate(prompts, params), separate.generate(prompts, params)
+        assert [o.token_ids for o in a] == [o.token_ids for o in b]
+        for x, y in zip(a, b):
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+    # the three copies of one prompt were sampled independently
+    sampled = shared.generate(prompts, SamplingParams(max_new_tokens=10, seed=5, stop_token_ids=[]))
+    assert len({tuple(o.token_ids) for o in sampled[:3]}) > 1
+
+
+def test_adapter_from_directory_matches_peft_model(engine, reference, peft_reference):
+    peft_model, path = peft_reference
+    engine.load_lora_adapter("policy", path)
+    assert engine.list_adapters() == ["policy"]
+    outputs = engine.generate(PROMPTS, GREEDY, lora_names="policy")
+    _assert_matches_model(peft_model, PROMPTS, outputs, temperature=1.0, greedy=True)
+    base = engine.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outputs] != [o.token_ids for o in base]
+    _assert_matches_model(reference, PROMPTS, base, temperature=1.0, greedy=True)
+
+
+def test_adapter_from_tensors_matches_directory(engine, peft_reference):
+    peft_model, path = peft_reference
+    engine.load_lora_adapter("from_dir", path)
+    tensors = get_peft_model_state_dict(peft_model)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    engine.load_lora_adapter("from_tensors", tensors=tensors, config=peft_model.peft_config["default"].to_dict())
+    a = engine.generate(PROMPTS, GREEDY, lora_names="from_dir")
+    b = engine.generate(PROMPTS, GREEDY, lora_names="from_tensors")
+    assert [(o.token_ids, o.logprobs) for o in a] == [(o.token_ids, o.logprobs) for o in b]
+
+
+def test_replacing_adapter_tensors_copies_in_place(engine, checkpoint, peft_reference):
+    peft_model, path = peft_reference
+    engine.load_lora_adapter("policy", path)
+    before = engine.generate(PROMPTS, GREEDY, lora_names="policy")
+    param = engine.model.model.layers[0].self_attn.q_proj.lora_B["policy"].weight
+
+    torch.manual_seed(2)
+    new = {k: torch.randn_like(v) * 0.3 for k, v in get_peft_model_state_dict(peft_model).items()}
+    engine.load_lora_adapter("policy", tensors=new, config=peft_model.peft_config["default"].to_dict())
+    after = engine.generate(PROMPTS, GREEDY, lora_names="policy")
+
+    assert engine.model.model.layers[0].self_attn.q_proj.lora_B["policy"].weight is param
+    assert [o.token_ids for o in after] != [o.token_ids for o in before]
+    updated = get_peft_model(LlamaForCausalLM.from_pretrained(checkpoint), peft_model.peft_config["default"]).eval()
+    set_peft_model_state_dict(updated, new)
+    _assert_matches_model(updated, PROMPTS, after, temperature=1.0, greedy=True)
+
+
+def test_mixed_batch_gives_each_request_its_own_model(engine, peft_reference):
+    engine.load_lora_adapter("policy", peft_reference[1])
+    names = ["policy", None, "policy", None, None]
+    mixed = engine.generate(PROMPTS, GREEDY, lora_names=names)
+    base = engine.generate(PROMPTS, GREEDY)
+    adapted = engine.generate(PROMPTS, GREEDY, lora_names="policy")
+    for name, m, b, a in zip(names, mixed, base, adapted):
+        expected = a if name else b
+        assert m.token_ids == expected.token_ids
+        # a different batch composition (padding width) moves fp32 sums by ~1e-6
+        assert m.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+
+
+def test_unload_restores_base_and_forgets_name(engine, peft_reference):
+    base = engine.generate(PROMPTS, GREEDY)
+    engine.load_lora_adapter("policy", peft_reference[1])
+    engine.generate(PROMPTS, GREEDY, lora_names="policy")
+    engine.unload_lora_adapter("policy")
+    assert engine.list_adapters() == []
+    assert [o.logprobs for o in engine.generate(PROMPTS, GREEDY)] == [o.logprobs for o in base]
+    with pytest.raises(UserError, match="not loaded"):
+        engine.generate(PROMPTS, GREEDY, lora_names="policy")
+
+
+def test_bad_adapter_tensors_are_rejected_and_not_kept(engine, peft_reference):
+    peft_model, _ = peft_reference
+    tensors = dict(get_peft_model_state_dict(peft_model))
+    tensors.pop(next(iter(tensors)))
+    with pytest.raises(UserError, match="missing"):
+        engine.load_lora_adapter("broken", tensors=tensors, config=peft_model.peft_config["default"].to_dict())
+    assert engine.list_adapters() == []
+    with pytest.raises(UserError, match="adapter_config.json"):
+        engine.load_lora_adapter("nowhere", "/nonexistent")
+
+
+def test_update_weights_switches_base_model(engine, tmp_path):
+    other = _tiny_llama(seed=9)
+    other.save_pretrained(tmp_path)
+    engine.update_weights(other.state_dict())
+    _assert_matches_model(other, PROMPTS, engine.generate(PROMPTS, GREEDY), temperature=1.0, greedy=True)
+    assert engine.health()["weight_updates"] == 1
+    with pytest.raises(UserError, match="not in"):
+        engine.update_weights({"model.no_such.weight": torch.zeros(1)})
+
+
+def test_request_validation(engine):
+    with pytest.raises(UserError, match="lora_names"):
+        engine.generate(PROMPTS, GREEDY, lora_names=[None])
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        engine.generate([[1000]], GREEDY)
+    with pytest.raises(UserError, match="top_p"):
+        SamplingParams(max_new_tokens=4, top_p=0.0)
+
+
+def _benchmark(num_prompts: int = 8, samples: int = 4, prompt_len: int = 64, new_tokens: int = 48) -> None:
+    """Time one rollout batch on a random SmolLM2-135M-shaped Llama, prefix-shared vs not."""
+    import tempfile
+
+    torch.set_num_threads(2)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, eos_token_id=EOS,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    prompts = [torch.randint(2, 49152, (prompt_len,)).tolist() for _ in range(num_prompts)]
+    batch = [p for p in prompts for _ in range(samples)]
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0, stop_token_ids=[])
+    with tempfile.TemporaryDirectory() as path:
+        LlamaForCausalLM(config).save_pretrained(path)
+        for share in (True, False):
+            engine = HFRolloutEngine(path, share_prefix=share)
+            engine.generate(batch[:2], SamplingParams(max_new_tokens=2))  # warm-up
+            start = time.perf_counter()
+            outputs = engine.generate(batch, params)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(o.token_ids) for o in outputs)
+            print(f"share_prefix={share}: {seconds:.2f} s, {tokens / seconds:.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    _benchmark()
