@@ -124,7 +124,9 @@ class PromptDataset:
         self._order = self._epoch_order(0)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, tokenizer: Any, path: str | None = None, **kwargs: Any) -> "PromptDataset":
+    def from_args(
+        cls, args: argparse.Namespace, tokenizer: Any, path: str | None = None, **kwargs: Any
+    ) -> PromptDataset:
         """Build from slime's flags; ``path`` overrides ``--prompt-data`` (e.g. an eval set)."""
         return cls(
             path if path is not None else args.prompt_data,
