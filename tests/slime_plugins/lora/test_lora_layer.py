@@ -1,0 +1,193 @@
+"""LoRALinear and apply_lora_to_model on plain torch modules (fast, single process)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from slime_plugins.lora.lora_layer import (
+    LoRALinear,
+    apply_lora_to_model,
+    disable_adapters,
+    lora_parameters,
+    merge_lora,
+    unmerge_lora,
+)
+
+
+class Block(nn.Module):
+    def __init__(self, d=16, f=32):
+        super().__init__()
+        self.linear_qkv = nn.Linear(d, 3 * d, bias=False)
+        self.linear_proj = nn.Linear(d, d, bias=True)
+        self.linear_fc1 = nn.Linear(d, 2 * f, bias=False)
+        self.linear_fc10 = nn.Linear(d, d)  # a name that merely starts with a target
+        self.linear_proj_gate = nn.Linear(d, d)
+        self.linear_fc2 = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        q = self.linear_proj(self.linear_qkv(x)[..., : x.shape[-1]])
+        gate, up = self.linear_fc1(q).chunk(2, dim=-1)
+        return self.linear_fc2(torch.nn.functional.silu(gate) * up) + self.linear_fc10(x) + self.linear_proj_gate(x)
+
+
+class Toy(nn.Module):
+    def __init__(self, layers=2):
+        super().__init__()
+        self.layers = nn.ModuleList(Block() for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def toy_with_lora(targets=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"), r=4, alpha=8.0, **kw):
+    torch.manual_seed(0)
+    base = Toy()
+    model = copy.deepcopy(base)
+    names = apply_lora_to_model(model, list(targets), r=r, lora_alpha=alpha, **kw)
+    return base, model, names
+
+
+def test_init_output_equals_base_exactly_and_shapes():
+    base, model, names = toy_with_lora()
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(base(x), model(x))
+    layer = model.layers[0].linear_fc1
+    assert isinstance(layer, LoRALinear)
+    assert layer.lora_A.shape == (4, 16) and layer.lora_B.shape == (64, 4)
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    bound = 1 / math.sqrt(16)  # kaiming_uniform(a=sqrt(5)) bound for fan_in 16
+    assert layer.lora_A.abs().max() <= bound
+    assert layer.base_layer is base.layers[0].linear_fc1 or layer.base_layer.weight.data_ptr() != 0
+    assert layer.lora_parameters() == [layer.lora_A, layer.lora_B]
+
+
+def test_wraps_without_copying_base_weights():
+    model = Toy()
+    weight = model.layers[0].linear_qkv.weight
+    apply_lora_to_model(model, ["linear_qkv"], r=2, lora_alpha=4)
+    assert model.layers[0].linear_qkv.base_layer.weight is weight
+
+
+def test_training_changes_A_and_B_lowers_loss_and_keeps_base_bitwise():
+    base, model, _ = toy_with_lora()
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    x, target = torch.randn(8, 16), torch.randn(8, 16)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = (model(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"base parameter {n} changed"
+            assert p.grad is None, f"frozen {n} got a gradient"
+
+
+def test_merge_unmerge_and_disable():
+    _, model, _ = toy_with_lora()
+    for p in lora_parameters(model):
+        nn.init.normal_(p, std=0.1)
+    x = torch.randn(4, 16)
+    out = model(x)
+    base, _, _ = toy_with_lora()
+    with disable_adapters(model):
+        assert torch.equal(model(x), base(x))
+    assert torch.equal(model(x), out)
+    merge_lora(model)
+    torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+    unmerge_lora(model)
+    torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+    model.eval()  # train/eval changes nothing but dropout
+    torch.testing.assert_close(model(x), out)
+
+
+def test_rslora_scaling_and_dropout_on_lora_input_only():
+    _, model, _ = toy_with_lora(r=16, alpha=8.0, use_rslora=True, lora_dropout=0.5, targets=["linear_fc2"])
+    layer = model.layers[0].linear_fc2
+    assert layer.scaling == pytest.approx(8.0 / 4.0)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 32)
+    model.train()
+    torch.manual_seed(1)
+    y1 = layer(x)
+    torch.manual_seed(2)
+    y2 = layer(x)
+    assert not torch.equal(y1, y2)  # dropout is active on the LoRA path
+    with disable_adapters(model):
+        assert torch.equal(layer(x), layer.base_layer(x))  # and never on the base path
+
+
+def test_matching_is_exact_name_or_glob_with_hf_aliases():
+    _, _, names = toy_with_lora(targets=["linear_fc1", "linear_proj"])
+    assert names == ["layers.0.linear_proj", "layers.0.linear_fc1", "layers.1.linear_proj", "layers.1.linear_fc1"]
+    _, _, names = toy_with_lora(targets=["layers.0.*qkv"])
+    assert names == ["layers.0.linear_qkv"]
+    _, _, names = toy_with_lora(targets=["q_proj", "k_proj", "v_proj", "down_proj"])
+    assert sorted(names) == ["layers.0.linear_fc2", "layers.0.linear_qkv", "layers.1.linear_fc2", "layers.1.linear_qkv"]
+    _, _, names = toy_with_lora(targets=["all-linear"])
+    assert len(names) == 8 and not any("fc10" in n or "gate" in n for n in names)
+
+
+def test_never_wraps_twice():
+    _, model, _ = toy_with_lora(targets=["linear_fc1"])
+    with pytest.raises(ValueError, match="linear_fc1"):
+        apply_lora_to_model(model, ["linear_fc1"], r=4, lora_alpha=8)
+    assert isinstance(model.layers[0].linear_fc1.base_layer, nn.Linear)
+    with pytest.raises(ValueError, match="base_layer"):
+        apply_lora_to_model(model, ["*.linear_fc1.base_layer"], r=4, lora_alpha=8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(r=0), "--lora-r"),
+        (dict(lora_alpha=0.0), "--lora-alpha"),
+        (dict(lora_dropout=1.0), "--lora-dropout"),
+        (dict(lora_dropout=-0.1), "--lora-dropout"),
+        (dict(r=17), "--lora-r 17 exceeds the smaller dimension \\(16\\)"),
+        (dict(targets=["linear_nothing"]), "'linear_nothing' matches no module"),
+    ],
+)
+def test_bad_inputs_name_the_flag(kwargs, message):
+    args = dict(targets=["linear_qkv"], r=4, lora_alpha=8.0)
+    args.update(kwargs)
+    targets = args.pop("targets")
+    with pytest.raises(ValueError, match=message):
+        apply_lora_to_model(Toy(), targets, **args)
+
+
+def test_errors_are_collected():
+    with pytest.raises(ValueError) as info:
+        apply_lora_to_model(Toy(), ["nope"], r=0, lora_alpha=-1.0)
+    text = str(info.value)
+    assert "--lora-r" in text and "--lora-alpha" in text and "'nope'" in text
+
+
+def test_base_state_dict_loads_unchanged_and_names_stay():
+    base, model, _ = toy_with_lora()
+    base_sd = base.state_dict()
+    result = model.load_state_dict(base_sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    sd = model.state_dict()
+    assert set(base_sd) <= set(sd)
+    assert {k for k in sd if k not in base_sd} == {k for k in sd if k.endswith((".lora_A", ".lora_B"))}
+    # round trip of the full state (base + adapter) into a fresh wrapped model
+    _, other, _ = toy_with_lora()
+    for p in lora_parameters(model):
+        nn.init.normal_(p)
+    other.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 16)
+    assert torch.equal(other(x), model(x))
