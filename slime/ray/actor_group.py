@@ -1,0 +1,145 @@
+"""A group of Ray actors, one per placement-group bundle, that form one
+``torch.distributed`` world.
+
+Actor ``i`` runs in bundle ``first_bundle + i`` and is constructed as
+``actor_cls(*args, rank=i, world_size=N, **kwargs)``.  Its environment holds
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, so
+``torch.distributed.init_process_group(backend)`` needs no further arguments.
+
+Errors: a :class:`UserError` raised inside an actor method reaches the driver
+as that same UserError (not wrapped in Ray's ``RayTaskError`` with a remote
+traceback), so the CLI prints one line.  Other errors keep Ray's wrapping and
+the remote traceback.  An exception in an actor's *constructor* kills the
+actor and Ray reports only ``ActorDiedError`` text; validate user input in a
+method (e.g. ``group.call("init", ...)``) rather than in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Sequence
+
+import ray
+from ray.exceptions import RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group_table
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from slime.utils.errors import UserError
+
+
+def find_free_port() -> int:
+    """A TCP port free on this host now (the OS picks it; a race is possible but rare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def bundle_node_ip(group: PlacementGroup, bundle_index: int) -> str:
+    """IP address of the node that holds one bundle (rank 0 listens there)."""
+    node_id = placement_group_table(group)["bundles_to_node_id"][bundle_index]
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node["NodeManagerAddress"]
+    raise RuntimeError(f"bundle {bundle_index} is on node {node_id}, which Ray does not list")
+
+
+def user_error_cause(error: BaseException) -> UserError | None:
+    """The UserError a Ray task raised, if ``error`` wraps one."""
+    cause = error.cause if isinstance(error, RayTaskError) else None
+    return cause if isinstance(cause, UserError) else None
+
+
+def get_all(refs: Sequence[ray.ObjectRef]) -> list[Any]:
+    """``ray.get`` that fails as soon as any task fails.
+
+    Plain ``ray.get(refs)`` waits on the refs in order, so when rank 1 fails
+    while rank 0 blocks in a collective waiting for it, it would hang; here
+    the first failure raises at once.  A wrapped UserError is re-raised bare.
+    """
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+        return ray.get(list(refs))
+    except RayTaskError as error:
+        cause = user_error_cause(error)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+class RayActorGroup:
+    """``num_actors`` instances of a plain class, one per bundle of ``group``.
+
+    Shapes: bundles ``[first_bundle, first_bundle + num_actors)`` must exist
+    in ``group``; each actor reserves that bundle's 1 CPU (and 1 GPU when
+    ``use_gpu``).
+    """
+
+    def __init__(
+        self,
+        actor_cls: type,
+        num_actors: int,
+        group: PlacementGroup,
+        *,
+        use_gpu: bool,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        first_bundle: int = 0,
+        env_vars: dict[str, str] | None = None,
+    ) -> None:
+        if num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+        if first_bundle + num_actors > group.bundle_count:
+            raise ValueError(
+                f"bundles {first_bundle}..{first_bundle + num_actors - 1} asked, "
+                f"the placement group has {group.bundle_count}"
+            )
+        remote_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(actor_cls)
+        master = {
+            "MASTER_ADDR": bundle_node_ip(group, first_bundle),
+            # Found on the driver: right when rank 0 shares its node, which PACK makes the usual case.
+            "MASTER_PORT": str(find_free_port()),
+        }
+        self.actors: list[ray.actor.ActorHandle] = []
+        for rank in range(num_actors):
+            env = {
+                **(env_vars or {}),
+                **master,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(num_actors),
+                # One actor per bundle: each sees its single GPU (if any) as device 0.
+                "LOCAL_RANK": "0",
+            }
+            # Ray merges these env_vars into the job's runtime_env (which puts slime on PYTHONPATH).
+            options = remote_cls.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=group, placement_group_bundle_index=first_bundle + rank
+                ),
+                runtime_env={"env_vars": env},
+            )
+            self.actors.append(
+                options.remote(*args, rank=rank, world_size=num_actors, **(kwargs or {}))
+            )
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def async_call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """Start ``method(*args, **kwargs)`` on every actor; one ref per rank, in rank order."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Run ``method`` on every actor and return the results in rank order."""
+        return get_all(self.async_call(method, *args, **kwargs))
+
+    def call_rank0(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run ``method`` on rank 0 only (not for methods that enter a collective)."""
+        return get_all([getattr(self.actors[0], method).remote(*args, **kwargs)])[0]
+
+    def kill(self) -> None:
+        """Kill every actor at once, freeing their bundles; the group is empty after."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []

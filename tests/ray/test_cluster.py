@@ -1,0 +1,196 @@
+"""The Ray layer on a real local cluster: placement groups, an actor group doing a
+gloo all-reduce, error unwrapping, and a cluster lifecycle that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import torch
+import torch.distributed as dist
+from ray.exceptions import RayActorError, RayTaskError
+
+from slime.ray.actor_group import RayActorGroup
+from slime.ray.cluster import REPO_ROOT, create_placement_group, ray_cluster
+from slime.utils.errors import UserError
+
+CLUSTER_CPUS = 4  # logical: more than this machine's 2 cores, on purpose
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH")
+
+# This test module is not importable inside Ray workers: ship its classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class GlooWorker:
+    """A tiny actor that joins a gloo process group in its constructor."""
+
+    def __init__(self, scale: float, *, rank: int, world_size: int) -> None:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+        self.rank, self.world_size, self.scale = rank, world_size, scale
+
+    def all_reduce(self) -> float:
+        value = torch.tensor([self.scale * (self.rank + 1)])
+        dist.all_reduce(value)
+        return value.item()
+
+    def identity(self) -> dict:
+        env = {key: os.environ.get(key) for key in ENV_KEYS}
+        return {"rank": self.rank, "world_size": self.world_size, "dist_rank": dist.get_rank(), "env": env}
+
+    def fail_on_rank(self, rank: int, message: str) -> int:
+        if self.rank == rank:
+            raise UserError(message)
+        # The other ranks enter a collective that the failing rank never joins.
+        dist.barrier()
+        return self.rank
+
+    def bug(self) -> None:
+        raise ValueError("not a user error")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with ray_cluster(num_cpus=CLUSTER_CPUS):
+        yield
+
+
+@pytest.fixture(scope="module")
+def gloo_group(cluster):
+    group = create_placement_group(2, use_gpu=False)
+    actors = RayActorGroup(GlooWorker, 2, group, use_gpu=False, args=(10.0,))
+    yield actors
+    actors.kill()
+    ray.util.remove_placement_group(group)
+
+
+def test_cluster_has_the_logical_cpus_asked(cluster):
+    assert ray.cluster_resources()["CPU"] == CLUSTER_CPUS
+
+
+def test_gloo_all_reduce_across_two_actors(gloo_group):
+    assert gloo_group.call("all_reduce") == [30.0, 30.0]  # 10 * (1 + 2) on every rank
+
+
+def test_actors_get_rank_world_size_and_rendezvous_env(gloo_group):
+    first, second = gloo_group.call("identity")
+    assert [first["rank"], second["rank"]] == [first["dist_rank"], second["dist_rank"]] == [0, 1]
+    assert first["world_size"] == second["world_size"] == 2
+    assert first["env"]["MASTER_PORT"] == second["env"]["MASTER_PORT"]
+    assert [first["env"]["RANK"], second["env"]["RANK"]] == ["0", "1"]
+    assert str(REPO_ROOT) in first["env"]["PYTHONPATH"].split(os.pathsep)
+    assert gloo_group.call_rank0("identity")["rank"] == 0
+
+
+def test_user_error_surfaces_unwrapped_even_while_other_ranks_wait(cluster):
+    # A group of its own: rank 0 stays stuck in the barrier until kill() ends it.
+    group = create_placement_group(2, use_gpu=False)
+    actors = RayActorGroup(GlooWorker, 2, group, use_gpu=False, args=(1.0,))
+    stuck = actors.actors[0]
+    try:
+        start = time.monotonic()
+        with pytest.raises(UserError) as exc:
+            actors.call("fail_on_rank", 1, "--rollout-batch-size 3 must divide 8")
+        assert type(exc.value) is UserError
+        assert str(exc.value) == "--rollout-batch-size 3 must divide 8"
+        assert time.monotonic() - start < 30, "must not wait for rank 0's collective to time out"
+        actors.kill()
+        assert len(actors) == 0
+        with pytest.raises(RayActorError):
+            ray.get(stuck.identity.remote(), timeout=30)
+    finally:
+        actors.kill()
+        ray.util.remove_placement_group(group)
+
+
+def test_other_errors_keep_the_remote_traceback(gloo_group):
+    with pytest.raises(RayTaskError) as exc:
+        gloo_group.call_rank0("bug")
+    assert isinstance(exc.value, ValueError)
+    assert "not a user error" in str(exc.value)
+
+
+def test_placement_beyond_the_cluster_is_a_user_error(cluster):
+    with pytest.raises(UserError) as exc:
+        create_placement_group(CLUSTER_CPUS + 1, use_gpu=False)
+    assert str(exc.value).startswith(
+        f"--actor-num-gpus-per-node {CLUSTER_CPUS + 1} needs {CLUSTER_CPUS + 1} CPU bundles "
+        f"but the Ray cluster has {CLUSTER_CPUS} CPUs"
+    )
+    with pytest.raises(UserError, match="needs 1 GPU bundles but the Ray cluster has 0 GPUs"):
+        create_placement_group(1, use_gpu=True)
+
+
+def test_placement_of_busy_resources_times_out_with_a_user_error(gloo_group):
+    # gloo_group holds 2 of the 4 CPUs: 3 bundles exist in total but not free.
+    with pytest.raises(UserError, match="--rollout-num-gpus 3 needs 3 CPU bundles .* free after 1 s"):
+        create_placement_group(3, use_gpu=False, flag="--rollout-num-gpus", timeout_s=1)
+    # The failed attempt released its partial reservation: the 2 free CPUs can be placed.
+    group = create_placement_group(2, use_gpu=False, timeout_s=5)
+    ray.util.remove_placement_group(group)
+
+
+_LIFECYCLE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, tempfile
+    import ray
+    from slime.ray.cluster import ray_cluster
+
+    seen = {}
+    try:
+        with ray_cluster(num_cpus=3):
+            seen["cpus"] = ray.cluster_resources()["CPU"]
+            seen["auth_mode"] = os.environ.get("RAY_AUTH_MODE")
+            seen["temp_dirs"] = os.listdir(tempfile.gettempdir())
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        seen["interrupted"] = True
+    seen["initialized_after"] = ray.is_initialized()
+    seen["auth_mode_after"] = os.environ.get("RAY_AUTH_MODE")
+    print(json.dumps(seen))
+    """
+)
+
+
+def test_local_cluster_leaves_nothing_behind_after_an_interrupt():
+    # A fresh process with an empty HOME and TMPDIR shows every file Ray writes.
+    # The TMPDIR stays short: Ray's unix socket paths must fit in 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="h") as home, tempfile.TemporaryDirectory(prefix="t") as tmp:
+        env = {**os.environ, "HOME": home, "TMPDIR": tmp, "PYTHONPATH": str(REPO_ROOT)}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_MODE", None)
+        result = subprocess.run(
+            [sys.executable, "-c", _LIFECYCLE_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout.strip().splitlines()[-1])
+        assert seen["cpus"] == 3 and seen["interrupted"]
+        assert seen["auth_mode"] == "disabled" and seen["auth_mode_after"] is None
+        assert not seen["initialized_after"]
+        assert [name[: len("slime-ray-")] for name in seen["temp_dirs"]] == ["slime-ray-"]
+        assert os.listdir(tmp) == [], "the private Ray temp dir must be removed"
+        assert os.listdir(home) == [], "nothing may be written under HOME"
+        ray_dir = os.path.join(tmp, seen["temp_dirs"][0])
+        assert not _processes_mentioning(ray_dir), "Ray daemons must be gone"
+
+
+def _processes_mentioning(path: str, wait_s: float = 5.0) -> list[int]:
+    """PIDs whose command line mentions ``path``, after letting exiting daemons finish."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        pids = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if any(path in arg for arg in proc.info["cmdline"] or ()):
+                pids.append(proc.info["pid"])
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.2)
