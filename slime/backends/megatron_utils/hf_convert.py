@@ -1,0 +1,509 @@
+"""Megatron-core <-> Hugging Face: parameter names, fused layouts, tensor-parallel shards, files.
+
+Every conversion lives here, driven by the explicit tables below.  Notation: ``H`` attention
+heads, ``G`` query groups (KV heads), ``n = H / G``, ``d`` head_dim, ``F`` FFN size, ``V`` vocab,
+``T`` tensor-parallel (TP) size.  All fusions act on dim 0, the output rows, so they apply
+alike to weights ``[out, in]``, biases ``[out]`` and LoRA B matrices ``[out, r]``:
+
+    linear_qkv [(H + 2G) d, .] = for g in 0..G-1: [q heads g*n .. g*n+n-1 ; k head g ; v head g]
+    linear_fc1 [2F, .]         = [gate_proj ; up_proj]
+
+How each parameter kind is split over TP rank ``t`` (Megatron's *global* layout is what the
+fusions above produce; a rank holds a *local* shard of it):
+
+    COLUMN        linear_qkv            rows, contiguous chunk t (= G/T whole query groups)
+    COLUMN_GATED  linear_fc1            [gate chunk t ; up chunk t]  (not a chunk of [gate ; up])
+    ROW           linear_proj, fc2      columns (dim 1), chunk t
+    VOCAB         word_embeddings,      rows of the vocab zero-padded to ``arch.padded_vocab_size(T)``,
+                  output_layer          chunk t
+    REPLICATED    norms, LoRA A of column layers, LoRA B (and biases) of row layers
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from slime.backends.megatron_utils.arch import ModelArch
+from slime.utils.errors import UserError
+
+COLUMN = "column"
+COLUMN_GATED = "column_gated"
+ROW = "row"
+VOCAB = "vocab"
+REPLICATED = "replicated"
+PARAM_KINDS: tuple[str, ...] = (COLUMN, COLUMN_GATED, ROW, VOCAB, REPLICATED)
+
+# Per-layer Megatron module (under ``decoder.layers.N.``) -> HF modules (under ``model.layers.N.``).
+MEGATRON_TO_HF_LAYER: dict[str, tuple[str, ...]] = {
+    "input_layernorm": ("input_layernorm",),
+    "self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attention.q_layernorm": ("self_attn.q_norm",),
+    "self_attention.k_layernorm": ("self_attn.k_norm",),
+    "self_attention.linear_proj": ("self_attn.o_proj",),
+    "pre_mlp_layernorm": ("post_attention_layernorm",),
+    "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.linear_fc2": ("mlp.down_proj",),
+}
+# Megatron modules outside the decoder layers -> HF modules.
+MEGATRON_TO_HF_GLOBAL: dict[str, tuple[str, ...]] = {
+    "embedding.word_embeddings": ("model.embed_tokens",),
+    "decoder.final_layernorm": ("model.norm",),
+    "output_layer": ("lm_head",),
+}
+HF_LAYER_PREFIX = "model.layers"
+
+# A module's attribute name -> how its weight is split over TP.
+_LEAF_KIND: dict[str, str] = {
+    "linear_qkv": COLUMN,
+    "linear_fc1": COLUMN_GATED,
+    "linear_proj": ROW,
+    "linear_fc2": ROW,
+    "word_embeddings": VOCAB,
+    "output_layer": VOCAB,
+}
+_PARAM_NAMES = ("weight", "bias", "lora_A", "lora_B")
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)\.([^.]+)$")
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+# ----------------------------------------------------------------------------- names and kinds
+
+
+def split_megatron_name(name: str) -> tuple[int | None, str, str]:
+    """``decoder.layers.3.mlp.linear_fc1.weight`` -> ``(3, "mlp.linear_fc1", "weight")``;
+    ``output_layer.weight`` -> ``(None, "output_layer", "weight")``.  The layer is the index in
+    the chunk's state dict (local to a pipeline stage)."""
+    match = _LAYER_KEY.match(name)
+    if match:
+        return int(match.group(1)), match.group(2), match.group(3)
+    module, _, param = name.rpartition(".")
+    return None, module, param
+
+
+def megatron_param_kind(megatron_name: str) -> str:
+    """The TP split (one of :data:`PARAM_KINDS`) of a Megatron parameter.
+
+    Accepts full parameter names (``...linear_qkv.weight``, ``...linear_qkv.lora_B``,
+    ``...linear_qkv.base_layer.weight``) or module names (``...linear_fc1``, taken as weight).
+    """
+    parts = [p for p in megatron_name.split(".") if p != "base_layer"]
+    param = parts.pop() if parts and parts[-1] in _PARAM_NAMES else "weight"
+    kind = _LEAF_KIND.get(parts[-1] if parts else "", REPLICATED)
+    # LoRA A of a column layer sees the full (replicated) input; B of a row layer sees the reduced
+    # output; a row layer's bias is added after the reduction.
+    if kind in (COLUMN, COLUMN_GATED) and param == "lora_A":
+        return REPLICATED
+    if kind == ROW and param in ("bias", "lora_B"):
+        return REPLICATED
+    return kind
+
+
+def hf_param_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    """HF parameter name (per-layer names without the ``model.layers.N.`` prefix) -> its shape."""
+    h, f, d, v = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim, arch.vocab_size
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    return {
+        "model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,),
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    }
+
+
+def _hf_shape_key(hf_name: str) -> str:
+    """``model.layers.7.mlp.up_proj.weight`` -> ``mlp.up_proj.weight``; global names unchanged."""
+    if hf_name.startswith(HF_LAYER_PREFIX + "."):
+        return hf_name.split(".", 3)[3]
+    return hf_name
+
+
+def hf_names(layer: int | None, module: str, param: str) -> tuple[str, ...]:
+    """HF parameter names of one Megatron parameter; ``layer`` is the *global* layer index."""
+    if layer is None:
+        modules = MEGATRON_TO_HF_GLOBAL.get(module)
+        prefix = ""
+    else:
+        modules = MEGATRON_TO_HF_LAYER.get(module)
+        prefix = f"{HF_LAYER_PREFIX}.{layer}."
+    if modules is None:
+        raise KeyError(f"no Hugging Face name for Megatron module {module!r} (layer {layer})")
+    return tuple(f"{prefix}{m}.{param}" for m in modules)
+
+
+# ----------------------------------------------------------------------------- fused layouts
+
+
+def _qkv_dims(arch: ModelArch) -> tuple[int, int, int]:
+    groups = arch.num_query_groups
+    return groups, arch.num_attention_heads // groups, arch.head_dim
+
+
+def qkv_hf_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch) -> torch.Tensor:
+    """``q [H d, *]``, ``k [G d, *]``, ``v [G d, *]`` -> ``[(H + 2G) d, *]``, grouped per query group."""
+    groups, n, d = _qkv_dims(arch)
+    rest = q.shape[1:]
+    if q.shape[0] != groups * n * d or k.shape[0] != groups * d or v.shape[0] != groups * d:
+        raise ValueError(f"q/k/v rows {q.shape[0]}/{k.shape[0]}/{v.shape[0]} do not fit H={groups * n}, G={groups}, d={d}")
+    per_group = [q.reshape(groups, n * d, *rest), k.reshape(groups, d, *rest), v.reshape(groups, d, *rest)]
+    return torch.cat(per_group, dim=1).reshape(groups * (n + 2) * d, *rest)
+
+
+def qkv_megatron_to_hf(fused: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`qkv_hf_to_megatron`: ``[(H + 2G) d, *]`` -> ``(q, k, v)``."""
+    groups, n, d = _qkv_dims(arch)
+    rest = fused.shape[1:]
+    q, k, v = fused.reshape(groups, (n + 2) * d, *rest).split([n * d, d, d], dim=1)
+    return q.reshape(groups * n * d, *rest), k.reshape(groups * d, *rest), v.reshape(groups * d, *rest)
+
+
+def fc1_hf_to_megatron(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``gate [F, *]``, ``up [F, *]`` -> ``[gate ; up]`` of shape ``[2F, *]``."""
+    return torch.cat([gate, up], dim=0)
+
+
+def fc1_megatron_to_hf(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[gate ; up]`` -> ``(gate, up)``."""
+    gate, up = fused.chunk(2, dim=0)
+    return gate, up
+
+
+def megatron_from_hf(module: str, hf_tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    """The Megatron global tensor of ``module`` from its HF tensors (in table order)."""
+    if module == "self_attention.linear_qkv":
+        return qkv_hf_to_megatron(*hf_tensors, arch)
+    if module == "mlp.linear_fc1":
+        return fc1_hf_to_megatron(*hf_tensors)
+    (tensor,) = hf_tensors
+    return tensor
+
+
+def hf_from_megatron(module: str, tensor: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, ...]:
+    """Inverse of :func:`megatron_from_hf` (vocab padding is the caller's business)."""
+    if module == "self_attention.linear_qkv":
+        return qkv_megatron_to_hf(tensor, arch)
+    if module == "mlp.linear_fc1":
+        return fc1_megatron_to_hf(tensor)
+    return (tensor,)
+
+
+# ----------------------------------------------------------------------------- tensor parallelism
+
+
+def _chunk(tensor: torch.Tensor, rank: int, size: int, dim: int) -> torch.Tensor:
+    if tensor.shape[dim] % size:
+        raise ValueError(f"dim {dim} of a {tuple(tensor.shape)} tensor does not split into {size} TP shards")
+    return tensor.chunk(size, dim=dim)[rank]
+
+
+def pad_vocab_rows(tensor: torch.Tensor, padded_rows: int) -> torch.Tensor:
+    """Append zero rows up to ``padded_rows`` (padded tokens get logit 0 and are stripped later)."""
+    missing = padded_rows - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(missing, *tensor.shape[1:])], dim=0)
+
+
+def tp_shard(kind: str, full: torch.Tensor, tp_rank: int, tp_size: int, *,
+             padded_rows: int | None = None) -> torch.Tensor:
+    """Rank ``tp_rank``'s shard of a Megatron global tensor (see the module docstring).
+
+    For :data:`VOCAB`, rows are zero-padded to ``padded_rows`` first (default: the next
+    multiple of ``tp_size``, as :meth:`ModelArch.padded_vocab_size`).
+    """
+    if kind == REPLICATED:
+        return full
+    if kind == COLUMN:
+        return _chunk(full, tp_rank, tp_size, 0)
+    if kind == COLUMN_GATED:
+        gate, up = fc1_megatron_to_hf(full)
+        return torch.cat([_chunk(gate, tp_rank, tp_size, 0), _chunk(up, tp_rank, tp_size, 0)], dim=0)
+    if kind == ROW:
+        return _chunk(full, tp_rank, tp_size, 1)
+    if kind == VOCAB:
+        rows = padded_rows if padded_rows is not None else -(-full.shape[0] // tp_size) * tp_size
+        return _chunk(pad_vocab_rows(full, rows), tp_rank, tp_size, 0)
+    raise ValueError(f"unknown parameter kind {kind!r}; expected one of {PARAM_KINDS}")
+
+
+def fc1_local_to_global(shards: list[torch.Tensor]) -> torch.Tensor:
+    """``[gate_t ; up_t]`` for t = 0..T-1 -> ``[gate_0 ; ... ; gate_{T-1} ; up_0 ; ... ; up_{T-1}]``."""
+    halves = [shard.chunk(2, dim=0) for shard in shards]
+    return torch.cat([g for g, _ in halves] + [u for _, u in halves], dim=0)
+
+
+def tp_gather(kind: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`tp_shard` over all ranks' shards (vocab padding kept)."""
+    if kind == REPLICATED:
+        return shards[0]
+    if kind in (COLUMN, VOCAB):
+        return torch.cat(shards, dim=0)
+    if kind == COLUMN_GATED:
+        return fc1_local_to_global(shards)
+    if kind == ROW:
+        return torch.cat(shards, dim=1)
+    raise ValueError(f"unknown parameter kind {kind!r}; expected one of {PARAM_KINDS}")
+
+
+def _tp_group_rank_size() -> tuple[object | None, int, int]:
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None, 0, 1
+    group = parallel_state.get_tensor_model_parallel_group()
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def gather_tp(local: torch.Tensor, kind: str, group=None) -> torch.Tensor:
+    """All-gather this rank's shard over the TP ``group`` (default: megatron's) and return the
+    full tensor in Megatron's global layout (vocab padding kept).  Collective: every rank calls it."""
+    if group is None:
+        group, _, size = _tp_group_rank_size()
+    else:
+        size = dist.get_world_size(group)
+    if size == 1 or kind == REPLICATED:
+        return local
+    shards = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(shards, local.detach().contiguous(), group=group)
+    return tp_gather(kind, shards)
+
+
+def gather_logits(logits_local: torch.Tensor, arch: ModelArch) -> torch.Tensor:
+    """``[b, s, V_padded / T]`` -> ``[b, s, V]``: all-gather along the vocab dim, strip the padding.
+
+    Differentiable (megatron's gather; its backward keeps this rank's slice of the gradient).
+    """
+    _, _, size = _tp_group_rank_size()
+    if size > 1:
+        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+        logits_local = gather_from_tensor_model_parallel_region(logits_local)
+    return logits_local[..., : arch.vocab_size]
+
+
+# ----------------------------------------------------------------------------- reading checkpoints
+
+
+class CheckpointReader:
+    """Lazy, validated access to the tensors of an HF checkpoint directory.
+
+    ``model.safetensors`` is preferred (as transformers does); otherwise the shards listed in
+    ``model.safetensors.index.json``.  Every failure is a one-line :class:`UserError` naming
+    the file and the tensor.  Pickled weights (``*.bin``) are never read.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, arch: ModelArch) -> None:
+        self.dir = Path(checkpoint_dir)
+        self.shapes = hf_param_shapes(arch)
+        self._handles: dict[Path, object] = {}
+        self.files = self._weight_map()
+
+    def _weight_map(self) -> dict[str, Path]:
+        single, index = self.dir / _SINGLE_FILE, self.dir / _INDEX_FILE
+        if single.is_file():
+            return {name: single for name in self._open(single).keys()}
+        if not index.is_file():
+            raise UserError(f"--hf-checkpoint {self.dir}: neither {_SINGLE_FILE} nor {_INDEX_FILE} there; "
+                            "save the model with safetensors (save_pretrained(..., safe_serialization=True))")
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise UserError(f"{index}: not a safetensors index with a 'weight_map' ({exc!r}); re-save the checkpoint") from None
+        return {name: self.dir / file for name, file in weight_map.items()}
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            if not path.is_file():
+                raise UserError(f"{path}: listed in {_INDEX_FILE} but missing; re-download the checkpoint")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error type (and OSError)
+                raise UserError(f"{path}: not a readable safetensors file ({exc}); it is corrupt or truncated, "
+                                "re-download or re-save it") from None
+        return self._handles[path]
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, after checking it exists and has the shape config.json implies."""
+        path = self.files.get(name)
+        if path is None:
+            raise UserError(f"--hf-checkpoint {self.dir}: tensor {name} is missing from the weights; "
+                            "the safetensors do not belong to the model in config.json")
+        handle = self._open(path)
+        try:
+            shape = tuple(handle.get_slice(name).get_shape())
+            expected = self.shapes.get(_hf_shape_key(name))
+            if expected is not None and shape != expected:
+                raise UserError(f"{path}: tensor {name} has shape {list(shape)} but {self.dir / 'config.json'} "
+                                f"implies {list(expected)}; the weights belong to a different model than config.json")
+            return handle.get_tensor(name)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"{path}: cannot read tensor {name} ({exc}); the file is corrupt, re-download it") from None
+
+
+# ----------------------------------------------------------------------------- model <-> HF
+
+
+def _unwrap(chunk: nn.Module) -> nn.Module:
+    """Strip DDP / Float16Module-style wrappers, which hold the model in ``.module``."""
+    while isinstance(getattr(chunk, "module", None), nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+def _is_weight_key(key: str) -> bool:
+    """Base parameters only: no LoRA tensors, no TransformerEngine-style ``_extra_state``."""
+    return not key.endswith(("._extra_state", ".lora_A", ".lora_B"))
+
+
+def global_layer_indices(model: nn.Module) -> dict[int, int]:
+    """State-dict layer index of this chunk -> global 0-based layer (megatron's 1-based
+    ``layer_number`` already includes the pipeline-stage offset)."""
+    return {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+
+
+def _hf_names_for_load(key: str, layers: dict[int, int], arch: ModelArch) -> tuple[str, tuple[str, ...]]:
+    layer, module, param = split_megatron_name(key)
+    if module == "output_layer" and arch.tie_word_embeddings:
+        # Tied: the output layer (present on the last stage under PP) is the embedding.
+        return module, hf_names(None, "embedding.word_embeddings", param)
+    return module, hf_names(None if layer is None else layers[layer], module, param)
+
+
+def _check_tied(reader: CheckpointReader) -> None:
+    if reader.has("lm_head.weight") and not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+        raise UserError(f"{reader.dir / 'config.json'}: tie_word_embeddings is true but lm_head.weight differs from "
+                        "model.embed_tokens.weight; set tie_word_embeddings to false in config.json")
+
+
+@torch.no_grad()
+def load_hf_weights(chunks: Iterable[nn.Module], arch: ModelArch, checkpoint_dir: str | Path) -> None:
+    """Copy an HF checkpoint into this rank's model chunks (its TP shard, its PP layers).
+
+    Parameters are addressed by the chunks' ``state_dict()`` names, which stay the base names
+    with LoRA (``LoRALinear`` maps ``x.weight`` onto ``x.base_layer.weight``); adapters keep
+    their initial values.  Tensors are converted to each parameter's dtype by ``copy_``.
+    """
+    reader = CheckpointReader(checkpoint_dir, arch)
+    _, tp_rank, tp_size = _tp_group_rank_size()
+    if arch.tie_word_embeddings:
+        _check_tied(reader)
+    for chunk in chunks:
+        model = _unwrap(chunk)
+        layers = global_layer_indices(model)
+        incoming: dict[str, torch.Tensor] = {}
+        for key, local in model.state_dict().items():
+            if not _is_weight_key(key):
+                continue
+            module, names = _hf_names_for_load(key, layers, arch)
+            full = megatron_from_hf(module, [reader.get(n) for n in names], arch)
+            shard = tp_shard(megatron_param_kind(key), full, tp_rank, tp_size,
+                             padded_rows=arch.padded_vocab_size(tp_size))
+            if shard.shape != local.shape:
+                raise UserError(f"--hf-checkpoint {reader.dir}: {', '.join(names)} give {key} the shape "
+                                f"{list(shard.shape)} but the model needs {list(local.shape)}; config.json and weights disagree")
+            incoming[key] = shard
+        result = model.load_state_dict(incoming, strict=False)
+        missing = [k for k in result.missing_keys if _is_weight_key(k)]
+        if missing or result.unexpected_keys:  # our tables are wrong, not the user's files
+            raise RuntimeError(f"load_hf_weights: missing {missing}, unexpected {result.unexpected_keys}")
+
+
+@torch.no_grad()
+def export_hf_weights(chunks: Iterable[nn.Module], arch: ModelArch) -> dict[str, torch.Tensor]:
+    """The full HF-named state dict (CPU tensors, the model's dtype) of a possibly TP/PP-split model.
+
+    Collective over the TP group, and over the PP group when PP > 1: every rank must call it,
+    and every rank gets the whole dict (PP stages are all-gathered).  Vocab padding is stripped;
+    ``lm_head.weight`` is omitted when embeddings are tied.  LoRA layers contribute their base
+    weight as it is: unmerged, unless the caller merged the adapters first.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        model = _unwrap(chunk)
+        layers = global_layer_indices(model)
+        for key, local in model.state_dict().items():
+            layer, module, param = split_megatron_name(key)
+            if not _is_weight_key(key) or (module == "output_layer" and arch.tie_word_embeddings):
+                continue
+            kind = megatron_param_kind(key)
+            full = gather_tp(local, kind)
+            if kind == VOCAB:
+                full = full[: arch.vocab_size]
+            names = hf_names(None if layer is None else layers[layer], module, param)
+            for name, tensor in zip(names, hf_from_megatron(module, full, arch)):
+                # Own, contiguous storage: no aliasing of the model, and safetensors-savable.
+                out[name] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+    return _gather_pipeline_stages(out)
+
+
+def _gather_pipeline_stages(stage_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return stage_dict
+    group = parallel_state.get_pipeline_model_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return stage_dict
+    stages: list[dict[str, torch.Tensor] | None] = [None] * size
+    dist.all_gather_object(stages, stage_dict, group=group)
+    merged: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        merged.update(stage or {})
+    return merged
+
+
+# ----------------------------------------------------------------------------- writing checkpoints
+
+
+def save_hf_checkpoint(state_dict: dict[str, torch.Tensor], arch_config_dict: dict, out_dir: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``out_dir``, atomically.
+
+    Both files are written in a temporary sibling directory first.  A new ``out_dir`` appears
+    whole with one ``os.replace``; into an existing one (e.g. holding a tokenizer) each file is
+    ``os.replace``-d, so a reader never sees a half-written file.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen:  # safetensors refuses tensors sharing memory (e.g. a tied lm_head)
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / _SINGLE_FILE), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(arch_config_dict, indent=2, sort_keys=True) + "\n")
+        if not out.exists():
+            os.replace(tmp, out)
+            return out
+        for name in (_SINGLE_FILE, "config.json"):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
