@@ -1,0 +1,92 @@
+"""tools/merge_lora.py against peft's own merge_and_unload on real tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from slime.utils.errors import UserError
+from tests._support.tiny_models import make_tiny_checkpoint
+from tools.merge_lora import merge_lora
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENS = torch.tensor([[3, 17, 42, 5, 88, 1, 64, 9]])
+
+
+def _peft_adapter(base: Path, out: Path, seed: int = 0, **config) -> torch.nn.Module:
+    """A peft LoRA on ``base`` with every B random (so every module changes the output), saved to ``out``."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    defaults = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    peft_model = get_peft_model(model, LoraConfig(**{**defaults, **config}))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft_model.save_pretrained(out)
+    return peft_model.eval()
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.mark.parametrize("family,config", [
+    ("qwen3", dict(use_rslora=True)),
+    ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2},
+                   alpha_pattern={"down_proj": 3.0})),
+])
+def test_merge_equals_peft_merge_and_unload(tmp_path, family, config):
+    base = make_tiny_checkpoint(tmp_path, family=family)
+    peft_model = _peft_adapter(base, tmp_path / "adapter", **config)
+    expected = _logits(peft_model.merge_and_unload())
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "stale.txt").write_text("replaced")  # an existing output is replaced whole
+    out = merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    base_logits = _logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
+    assert (expected - base_logits).abs().max() > 1e-2  # the adapter does change the model
+    torch.testing.assert_close(_logits(merged), expected, atol=1e-4, rtol=0)
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    assert not list(tmp_path.glob("merged.*")), "no staging directories left behind"
+
+
+def test_sharded_checkpoint_and_cli(tmp_path):
+    base = make_tiny_checkpoint(tmp_path, family="qwen2")
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(base).save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    peft_model = _peft_adapter(base, tmp_path / "adapter")
+    expected = _logits(peft_model.merge_and_unload())
+    result = subprocess.run([sys.executable, "tools/merge_lora.py", "--hf-checkpoint", str(sharded), "--adapter",
+                             str(tmp_path / "adapter"), "--output", str(tmp_path / "out")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == \
+        sorted(p.name for p in sharded.glob("*.safetensors"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged), expected, atol=1e-4, rtol=0)
+
+
+def test_errors_are_one_line_user_errors(tmp_path):
+    base = make_tiny_checkpoint(tmp_path, family="llama")
+    other = make_tiny_checkpoint(tmp_path, family="llama", name="wide", hidden_size=48)
+    _peft_adapter(other, tmp_path / "wide-adapter")
+    with pytest.raises(UserError, match=r"module model\.layers\.0\.\w+\.\w+_proj: adapter delta is"):
+        merge_lora(base, tmp_path / "wide-adapter", tmp_path / "out")
+    with pytest.raises(UserError, match="adapter_config.json: missing"):
+        merge_lora(base, tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    result = subprocess.run([sys.executable, "tools/merge_lora.py", "--hf-checkpoint", str(base), "--adapter",
+                             str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "adapter_config.json" in result.stderr
