@@ -1,0 +1,482 @@
+"""Save and resume training: weights, AdamW state, LR step, RNG streams and trainer state.
+
+Layout of a ``--save`` directory::
+
+    DIR/
+      latest_checkpointed_iteration.txt   the newest complete iteration ("12"); written last
+      adapter -> iter_0000012/adapter     newest adapter (--use-lora): point a serving engine here
+      model -> iter_0000012/model         newest full weights (without --use-lora)
+      iter_0000012/
+        adapter/ | model/                 PEFT adapter (peft, vLLM, SGLang) | HF weights (safetensors)
+        trainer_state/
+          rank_00000.safetensors          AdamW tensors by parameter name, RNG generator states
+          rank_00000.json                 LR-schedule step, Python/NumPy RNG, extra_state
+          args.json                       vars(args), non-JSON values as str
+        checkpoint.json                   model shape, LoRA flags, parallel layout, size + sha256 per file
+
+Crash safety (a process killed at any instant leaves the previous checkpoint usable): the
+iteration is written under ``DIR/.iter_0000012.tmp`` and renamed into place only when every rank
+has finished and ``checkpoint.json`` lists every file; the ``adapter``/``model`` link is swapped
+with one ``os.replace`` (a directory cannot be replaced atomically, a symlink can); the
+``latest`` file is replaced last.  Until then a loader sees the previous iteration.
+
+Only safetensors and JSON are read back (never pickle).  Every file is checked against its size
+and sha256 in ``checkpoint.json`` before use, so a truncated or corrupt file is a one-line
+:class:`UserError` naming it instead of garbage weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slime.backends.megatron_utils.arch import ModelArch
+from slime.backends.megatron_utils.optimizer import TrainOptimizer
+from slime.utils.errors import UserError
+
+FORMAT = "slime-checkpoint"
+FORMAT_VERSION = 1
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+META_FILE = "checkpoint.json"
+STATE_DIR = "trainer_state"
+
+# Test hook: SLIME_CHECKPOINT_CRASH_AFTER=<stage> ends the process right after that stage of a
+# save, the way a kill would (no cleanup runs).  Stages in the order they happen:
+SAVE_STAGES: tuple[str, ...] = ("trainer_state", "weights", "manifest", "rename", "link", "latest")
+CRASH_ENV = "SLIME_CHECKPOINT_CRASH_AFTER"
+CRASH_EXIT_CODE = 86
+
+
+def _kill() -> None:
+    os._exit(CRASH_EXIT_CODE)
+
+
+def _stage_done(stage: str) -> None:
+    if os.environ.get(CRASH_ENV) == stage:
+        _kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Small file-system helpers
+# ---------------------------------------------------------------------------------------------
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _weights_kind(args: argparse.Namespace) -> str:
+    """``adapter`` with --use-lora, ``model`` (full HF weights) without."""
+    return "adapter" if getattr(args, "use_lora", False) else "model"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then fsync and ``os.replace``: ``path`` is old or complete, never partial."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n"))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; the checkpoint is incomplete, resume from another --load directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: truncated or corrupt JSON ({exc}); resume from another checkpoint") from None
+
+
+def _file_record(path: Path) -> dict:
+    """Size and sha256 of a finished file (fsynced on the way: it is about to become durable)."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def _verify_files(iter_dir: Path, records: dict[str, dict], names: Sequence[str]) -> None:
+    """Check ``names`` (relative to ``iter_dir``) against the sizes and hashes recorded at save."""
+    for name in names:
+        path = iter_dir / name
+        expected = records.get(name)
+        if expected is None:
+            raise UserError(f"{path}: not listed in {iter_dir / META_FILE}; the checkpoint was saved by a "
+                            f"different layout (--tensor-model-parallel-size or number of processes)")
+        if not path.is_file():
+            raise UserError(f"{path}: missing; the checkpoint is incomplete, resume from another checkpoint")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise UserError(f"{path}: truncated ({size} of {expected['bytes']} bytes); resume from another checkpoint")
+        if _file_record(path)["sha256"] != expected["sha256"]:
+            raise UserError(f"{path}: corrupt (sha256 differs from {META_FILE}); resume from another checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# What is in a checkpoint: names, optimizer state, RNG state, metadata
+# ---------------------------------------------------------------------------------------------
+
+def parameter_names(chunks: Sequence[nn.Module]) -> dict[int, str]:
+    """``id(param) -> "chunk{i}.<dotted name>"``: optimizer state is keyed by name, not position."""
+    from slime_plugins.lora.megatron_lora_hook import unwrap_model
+
+    names: dict[int, str] = {}
+    for index, chunk in enumerate(chunks):
+        for name, param in unwrap_model(chunk).named_parameters():
+            names.setdefault(id(param), f"chunk{index}.{name}")
+    return names
+
+
+def _optimizer_state(optimizer: TrainOptimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW state as ``optim/<name>/<key>`` tensors (exp_avg, exp_avg_sq, step) + JSON scalars."""
+    tensors: dict[str, torch.Tensor] = {}
+    params: dict[str, list[int]] = {}
+    scalars: dict[str, Any] = {}
+    for param in optimizer.params:
+        name = names[id(param)]
+        params[name] = list(param.shape)
+        for key, value in optimizer.optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{name}/{key}"] = value
+    return tensors, {"params": params, "scalars": scalars, "lr_step": optimizer.step_count}
+
+
+def _restore_optimizer(optimizer: TrainOptimizer, names: dict[int, str], tensors: dict[str, torch.Tensor],
+                       state: dict, path: Path) -> None:
+    saved: dict[str, list[int]] = state["params"]
+    current = {names[id(p)]: list(p.shape) for p in optimizer.params}
+    if saved.keys() != current.keys():
+        missing, extra = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+        raise UserError(f"{path}: optimizer state is for other trainable parameters (not saved: {missing[:3]}, "
+                        f"saved but absent: {extra[:3]}); --use-lora, --lora-target-modules and "
+                        f"--lora-only-trainable must match the run that saved it")
+    for name, shape in current.items():
+        if saved[name] != shape:
+            raise UserError(f"{path}: parameter {name} was saved with shape {saved[name]}, this run has {shape}; "
+                            f"the model or --lora-r differs from the run that saved it")
+    per_param: dict[int, dict[str, Any]] = {}
+    for index, param in enumerate(optimizer.params):
+        name = names[id(param)]
+        entry = {key.rsplit("/", 1)[1]: value for key, value in tensors.items()
+                 if key.startswith(f"optim/{name}/")}
+        entry.update({key.rsplit("/", 1)[1]: value for key, value in state["scalars"].items()
+                      if key.startswith(f"{name}/")})
+        if entry:
+            per_param[index] = entry
+    # torch's own loader moves each tensor to its parameter's device and dtype ("step" stays put).
+    groups = optimizer.optimizer.state_dict()["param_groups"]
+    optimizer.optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    optimizer.step_count = int(state["lr_step"])
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every generator a training step draws from: torch CPU/CUDA, megatron's tracker, Python, NumPy."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tensors = {"rng/torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng/torch_cuda"] = torch.cuda.get_rng_state()
+    for name, value in get_cuda_rng_tracker().get_states().items():
+        tensors[f"rng/tracker/{name}"] = value.detach().cpu().contiguous()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng/numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    scalars = {"python": [version, list(internal), gauss_next], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+    return tensors, scalars
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(tensors["rng/torch_cpu"])
+    if "rng/torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/torch_cuda"])
+    tracker = {k[len("rng/tracker/"):]: v for k, v in tensors.items() if k.startswith("rng/tracker/")}
+    if tracker:
+        get_cuda_rng_tracker().set_states(tracker)
+    kind, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((kind, tensors["rng/numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = scalars["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _lora_flags(args: argparse.Namespace) -> dict | None:
+    """The LoRA flags that change the model's function or its parameter shapes."""
+    if not getattr(args, "use_lora", False):
+        return None
+    from slime_plugins.lora.lora_layer import resolve_targets
+
+    return {"lora_r": args.lora_r, "lora_alpha": float(args.lora_alpha),
+            "lora_target_modules": resolve_targets(args.lora_target_modules),
+            "lora_use_rslora": bool(getattr(args, "lora_use_rslora", False))}
+
+
+def _parallel_layout(args: argparse.Namespace) -> dict:
+    return {"tensor_model_parallel_size": args.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size, "world_size": _world_size()}
+
+
+def _jsonable_args(args: argparse.Namespace) -> dict:
+    out = {}
+    for key, value in vars(args).items():
+        try:
+            json.dumps(value)
+            out[key] = value
+        except (TypeError, ValueError):
+            out[key] = str(value)
+    return out
+
+
+def _check_compatible(meta: dict, arch: ModelArch, args: argparse.Namespace, path: Path) -> None:
+    """One UserError naming the flag that differs between the saving run and this one."""
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise UserError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} checkpoint (format {meta.get('format')!r}, "
+                        f"version {meta.get('version')!r}); point --load at a --save directory of this trainer")
+    now = dataclasses.asdict(arch)
+    diff = [f"{k} {meta['model'].get(k)} != {v}" for k, v in now.items() if meta["model"].get(k) != v]
+    if diff:
+        raise UserError(f"{path}: checkpoint is of a different model (saved vs now: {', '.join(diff)}); "
+                        f"--hf-checkpoint must be the model the checkpoint was trained from")
+    saved_lora, lora = meta["lora"], _lora_flags(args)
+    if (saved_lora is None) != (lora is None):
+        had = "with" if saved_lora else "without"
+        raise UserError(f"{path}: checkpoint was saved {had} --use-lora; resume {had} --use-lora")
+    for key in lora or {}:
+        if saved_lora[key] != lora[key]:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{path}: checkpoint was saved with {flag} {saved_lora[key]}, this run has "
+                            f"{flag} {lora[key]}; resume with {flag} {saved_lora[key]}")
+    layout = _parallel_layout(args)
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if meta["parallel"][key] != layout[key]:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{path}: checkpoint was saved with {flag} {meta['parallel'][key]}, this run has "
+                            f"{layout[key]}; resume with {flag} {meta['parallel'][key]} (resharding optimizer "
+                            f"state across parallel sizes is not supported)")
+    if meta["parallel"]["world_size"] != layout["world_size"]:
+        raise UserError(f"{path}: checkpoint was saved by {meta['parallel']['world_size']} training processes, this "
+                        f"run has {layout['world_size']}; set --actor-num-nodes x --actor-num-gpus-per-node to "
+                        f"{meta['parallel']['world_size']} (changing the data-parallel size is not supported)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: the adapter (PEFT) or the full model (HF)
+# ---------------------------------------------------------------------------------------------
+
+def _hf_config(arch: ModelArch, args: argparse.Namespace) -> dict:
+    """The saving run's HF config.json (so the weights load in transformers as they came)."""
+    source = getattr(args, "hf_checkpoint", None)
+    if source is None or not (Path(source) / "config.json").is_file():
+        raise UserError("--save without --use-lora writes HF weights and needs --hf-checkpoint (its config.json)")
+    return json.loads((Path(source) / "config.json").read_text())
+
+
+def _save_weights(out_dir: Path, chunks: Sequence[nn.Module], arch: ModelArch, args: argparse.Namespace) -> None:
+    """All ranks call (TP shards are gathered); rank 0 writes ``out_dir``."""
+    if _weights_kind(args) == "adapter":
+        from slime_plugins.lora.peft_io import save_peft_adapter
+
+        save_peft_adapter(chunks, arch, args, out_dir, base_model_name_or_path=getattr(args, "hf_checkpoint", None))
+        return
+    from slime.backends.megatron_utils.hf_convert import export_hf_weights, save_hf_checkpoint
+
+    state_dict = export_hf_weights(chunks, arch)
+    if _rank() == 0:
+        save_hf_checkpoint(state_dict, _hf_config(arch, args), out_dir)
+
+
+def _load_weights(weights_dir: Path, chunks: Sequence[nn.Module], arch: ModelArch, args: argparse.Namespace) -> None:
+    if _weights_kind(args) == "adapter":
+        from slime_plugins.lora.peft_io import load_peft_adapter
+
+        load_peft_adapter(chunks, arch, weights_dir, args)
+    else:
+        from slime.backends.megatron_utils.hf_convert import load_hf_weights
+
+        load_hf_weights(chunks, arch, weights_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+# ---------------------------------------------------------------------------------------------
+
+def _staging_dirs(save_dir: Path, iteration: int) -> tuple[Path, Path, Path]:
+    """(final, staging, replaced): the iteration, its in-progress name, a same-iteration re-save's old copy."""
+    name = iter_dir_name(iteration)
+    return save_dir / name, save_dir / f".{name}.tmp", save_dir / f".{name}.replaced"
+
+
+def _prepare(save_dir: Path, iteration: int, kind: str) -> None:
+    """Rank 0: clear what a killed save left behind and make the staging directory."""
+    link = save_dir / kind
+    if link.exists() and not link.is_symlink():
+        raise UserError(f"{link}: a real directory where the trainer keeps a link to the newest {kind}; "
+                        f"move it out of the --save directory")
+    save_dir.mkdir(parents=True, exist_ok=True)
+    for stale in save_dir.glob(".iter_*"):
+        final = save_dir / stale.name[1:].split(".")[0]
+        if stale.name.endswith(".replaced") and not final.exists():
+            os.replace(stale, final)  # a killed re-save: its old copy is the last complete one
+        else:
+            shutil.rmtree(stale)
+    _, staging, _ = _staging_dirs(save_dir, iteration)
+    (staging / STATE_DIR).mkdir(parents=True)
+
+
+def _save_trainer_state(state_dir: Path, chunks: Sequence[nn.Module], optimizer: TrainOptimizer,
+                        extra_state: dict) -> None:
+    """This rank's optimizer + RNG tensors (safetensors) and scalars (JSON)."""
+    rank = _rank()
+    opt_tensors, opt_scalars = _optimizer_state(optimizer, parameter_names(chunks))
+    rng_tensors, rng_scalars = _rng_state()
+    _write_atomic(state_dir / f"rank_{rank:05d}.safetensors",
+                  lambda tmp: save_file({**opt_tensors, **rng_tensors}, str(tmp)))
+    _write_json(state_dir / f"rank_{rank:05d}.json",
+                {"rank": rank, "optimizer": opt_scalars, "rng": rng_scalars, "extra_state": extra_state})
+
+
+def _describe(staging: Path, iteration: int, arch: ModelArch, args: argparse.Namespace) -> dict:
+    files = {str(p.relative_to(staging)): _file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    return {"format": FORMAT, "version": FORMAT_VERSION, "iteration": iteration, "weights": _weights_kind(args),
+            "model": dataclasses.asdict(arch), "lora": _lora_flags(args), "parallel": _parallel_layout(args),
+            "files": files}
+
+
+def _publish(save_dir: Path, iteration: int, kind: str) -> None:
+    """Rank 0: staging -> ``iter_N``, link -> ``iter_N/<kind>``, then ``latest``; each step atomic."""
+    final, staging, replaced = _staging_dirs(save_dir, iteration)
+    _fsync(staging)
+    if final.exists():  # saving an iteration again (e.g. resumed twice): keep the old one until the swap
+        os.replace(final, replaced)
+    os.replace(staging, final)
+    shutil.rmtree(replaced, ignore_errors=True)
+    _fsync(save_dir)
+    _stage_done("rename")
+    link_tmp = save_dir / f".{kind}.link.tmp"
+    link_tmp.unlink(missing_ok=True)
+    os.symlink(f"{final.name}/{kind}", link_tmp)
+    os.replace(link_tmp, save_dir / kind)
+    _stage_done("link")
+    _write_atomic(save_dir / LATEST_FILE, lambda tmp: tmp.write_text(f"{iteration}\n"))
+    _fsync(save_dir)
+    _stage_done("latest")
+
+
+def save_checkpoint(save_dir: str | Path, iteration: int, chunks: Sequence[nn.Module], arch: ModelArch,
+                    args: argparse.Namespace, optimizer: TrainOptimizer, extra_state: dict) -> Path:
+    """Write iteration ``iteration`` under ``save_dir`` (every training rank calls; see module doc).
+
+    ``extra_state`` is this rank's JSON-serialisable trainer state (data position, metrics step, ...)
+    and comes back from :func:`load_checkpoint`.  Returns the final iteration directory.
+    """
+    save_dir = Path(save_dir)
+    kind = _weights_kind(args)
+    json.dumps(extra_state)  # fail before writing anything when the trainer passes a non-JSON value
+    if _rank() == 0:
+        _prepare(save_dir, iteration, kind)
+    _barrier()
+    final, staging, _ = _staging_dirs(save_dir, iteration)
+    _save_trainer_state(staging / STATE_DIR, chunks, optimizer, extra_state)
+    _stage_done("trainer_state")
+    _save_weights(staging / kind, chunks, arch, args)
+    _stage_done("weights")
+    _barrier()  # every rank's files are in staging before rank 0 lists and renames them
+    if _rank() == 0:
+        _write_json(staging / STATE_DIR / "args.json", _jsonable_args(args))
+        _write_json(staging / META_FILE, _describe(staging, iteration, arch, args))
+        _stage_done("manifest")
+        _publish(save_dir, iteration, kind)
+    _barrier()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+
+def read_latest_iteration(load_dir: str | Path) -> int:
+    """The iteration named by ``latest_checkpointed_iteration.txt`` (UserError when absent or garbled)."""
+    path = Path(load_dir) / LATEST_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing; --load must be a --save directory holding a finished checkpoint")
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise UserError(f"{path}: expected an iteration number, found {text[:40]!r}; the file is corrupt")
+    return int(text)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({exc}); resume from another checkpoint") from None
+
+
+def load_checkpoint(load_dir: str | Path, chunks: Sequence[nn.Module], arch: ModelArch, args: argparse.Namespace,
+                    optimizer: TrainOptimizer | None) -> tuple[int, dict]:
+    """Restore the newest checkpoint in ``load_dir``; returns ``(iteration, extra_state)``.
+
+    Every training rank calls.  Restores the adapter (or full weights), the AdamW state, the
+    LR-schedule step and all RNG streams, so the next step is the one an uninterrupted run takes.
+    """
+    load_dir = Path(load_dir)
+    iteration = read_latest_iteration(load_dir)
+    final, _, replaced = _staging_dirs(load_dir, iteration)
+    iter_dir = final if final.is_dir() or not replaced.is_dir() else replaced
+    if not iter_dir.is_dir():
+        raise UserError(f"{load_dir / LATEST_FILE}: names iteration {iteration} but {final} does not exist")
+    meta = _read_json(iter_dir / META_FILE)
+    _check_compatible(meta, arch, args, iter_dir / META_FILE)
+    kind = _weights_kind(args)
+    rank = _rank()
+    state_files = [f"{STATE_DIR}/rank_{rank:05d}.safetensors", f"{STATE_DIR}/rank_{rank:05d}.json"]
+    weight_files = sorted(name for name in meta["files"] if name.startswith(f"{kind}/"))
+    _verify_files(iter_dir, meta["files"], weight_files + state_files)
+    _load_weights(iter_dir / kind, chunks, arch, args)
+    tensors = _load_tensors(iter_dir / state_files[0])
+    state = _read_json(iter_dir / state_files[1])
+    if optimizer is not None:
+        _restore_optimizer(optimizer, parameter_names(chunks), tensors, state["optimizer"], iter_dir / state_files[0])
+    _restore_rng(tensors, state["rng"])
+    _barrier()
+    return iteration, state["extra_state"]
