@@ -217,6 +217,8 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     if torch.cuda.is_available():
         tensors["rng/torch_cuda"] = torch.cuda.get_rng_state()
     for name, value in get_cuda_rng_tracker().get_states().items():
+        if isinstance(value, torch.Generator):  # CUDA-graph-safe trackers keep generators, not states
+            value = value.get_state()
         tensors[f"rng/tracker/{name}"] = value.detach().cpu().contiguous()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["rng/numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
@@ -231,9 +233,16 @@ def _restore_rng(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
     torch.set_rng_state(tensors["rng/torch_cpu"])
     if "rng/torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/torch_cuda"])
-    tracker = {k[len("rng/tracker/"):]: v for k, v in tensors.items() if k.startswith("rng/tracker/")}
-    if tracker:
-        get_cuda_rng_tracker().set_states(tracker)
+    tracker = get_cuda_rng_tracker()
+    states = tracker.get_states()
+    for key, value in tensors.items():
+        if key.startswith("rng/tracker/"):
+            name = key[len("rng/tracker/"):]
+            if isinstance(states.get(name), torch.Generator):
+                states[name].set_state(value)
+            else:
+                states[name] = value
+    tracker.set_states(states)
     kind, pos, has_gauss, cached = scalars["numpy"]
     np.random.set_state((kind, tensors["rng/numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss_next = scalars["python"]
