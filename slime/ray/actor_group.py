@@ -26,6 +26,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from slime.utils.errors import UserError
 
+PLACEMENT_READY_TIMEOUT_S = 60.0
+
 
 def find_free_port() -> int:
     """A TCP port free on this host now (the OS picks it; a race is possible but rare)."""
@@ -96,6 +98,9 @@ class RayActorGroup:
                 f"bundles {first_bundle}..{first_bundle + num_actors - 1} asked, "
                 f"the placement group has {group.bundle_count}"
             )
+        if not group.wait(timeout_seconds=PLACEMENT_READY_TIMEOUT_S):
+            # Rank 0's node (for MASTER_ADDR) is only known once bundles are placed.
+            raise RuntimeError("placement group not ready; create it with slime.ray.cluster.create_placement_group")
         remote_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(actor_cls)
         master = {
             "MASTER_ADDR": bundle_node_ip(group, first_bundle),
