@@ -1,0 +1,89 @@
+"""Token log-probs, advantages and the clipped policy-gradient loss.
+
+Notation per response token t of sample i: ``logp`` is log pi_theta(y_t | x, y_<t) at the
+rollout temperature T (``log_softmax(logits / T)``, exactly what the rollout engine reports),
+``old_logp`` the same under the policy that generated the rollout, ``ref_logp`` under the
+reference policy (with LoRA: the same network with adapters disabled), ``A_i`` the advantage.
+
+    ratio_t = exp(logp_t - old_logp_t)
+    pg_t    = max(-A_i ratio_t, -A_i clip(ratio_t, 1 - eps_low, 1 + eps_high))
+    loss    = sum_t (pg_t + beta kl_t - c_H H_t) / (response tokens in the global batch)
+
+Averaging is token-level over the whole global batch (not per sample), as in DAPO/slime.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def gather_full_vocab(logits_local: torch.Tensor) -> torch.Tensor:
+    """``[..., V/tp]`` vocab-parallel logits -> ``[..., V_padded]`` (all-gather fwd, split bwd)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return logits_local
+    return gather_from_tensor_model_parallel_region(logits_local)
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                               temperature: float = 1.0, *, with_entropy: bool = False
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of ``targets`` and entropy of the predictive distribution.
+
+    ``logits: [b, s, V_padded]`` (full vocabulary; columns past ``vocab_size`` are the TP
+    padding and are dropped), ``targets: [b, s]``.  Returns two ``[b, s]`` fp32 tensors; the
+    entropy carries a gradient only ``with_entropy`` (an entropy bonus), else it is a metric.
+    """
+    logits = logits[..., :vocab_size].float() / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    lp = log_probs if with_entropy else log_probs.detach()
+    entropy = -(lp.exp() * lp).sum(-1)
+    return logp, entropy
+
+
+def group_advantages(rewards: Sequence[float], group_size: int, estimator: str = "grpo") -> torch.Tensor:
+    """One advantage per sample; samples of a prompt are ``group_size`` consecutive entries.
+
+    grpo: ``(r - mean_g) / (std_g + 1e-6)``; dr_grpo: ``r - mean_g``; reinforce: ``r``.
+    A group whose rewards are all equal gets zero advantage: it carries no signal.
+    """
+    r = torch.tensor(rewards, dtype=torch.float32)
+    if estimator == "reinforce":
+        return r
+    groups = r.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if estimator == "grpo" and group_size > 1:
+        centred = centred / (groups.std(dim=1, keepdim=True) + 1e-6)
+    return centred.reshape(-1)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token KL estimate of pi_theta from pi_ref (Schulman's k1/k2/k3)."""
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio.pow(2)
+    # k3 == low_var_kl: exp(-d) + d - 1 >= 0, unbiased with low variance; clamped for stability.
+    neg = (-log_ratio).clamp(-20.0, 20.0) if kind == "low_var_kl" else -log_ratio
+    kl = neg.exp() - neg - 1.0
+    return kl.clamp(-10.0, 10.0) if kind == "low_var_kl" else kl
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed clipped surrogate over masked tokens, and the number of clipped tokens.
+
+    ``logp, old_logp, mask: [b, s]``; ``advantages: [b]`` (broadcast over tokens).
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(-1)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    return (per_token * mask).sum(), ((clipped > unclipped).float() * mask).sum()

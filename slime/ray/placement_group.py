@@ -1,0 +1,91 @@
+"""Where everything runs: placement groups, the rollout manager and the training group.
+
+One placement group holds ``world_size`` training bundles followed by one rollout bundle
+(``--colocate``: the rollout engine shares training bundle 0 instead).  Bundles are
+``{GPU: 1, CPU: 1}`` on GPU machines and ``{CPU: 1}`` otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup
+
+from slime.backends.megatron_utils.actor import MegatronTrainRayActor
+from slime.ray.actor_group import RayActorGroup, get_all
+from slime.ray.cluster import create_placement_group
+from slime.ray.rollout import RolloutManager
+
+
+@dataclass
+class PlacementGroups:
+    group: PlacementGroup
+    actor_bundles: range
+    rollout_bundle: int
+
+
+def num_bundles(args: argparse.Namespace) -> int:
+    return args.world_size + (0 if args.colocate else 1)
+
+
+def create_placement_groups(args: argparse.Namespace) -> PlacementGroups:
+    total = num_bundles(args)
+    group = create_placement_group(total, use_gpu=torch.cuda.is_available(), flag="--actor-num-gpus-per-node")
+    return PlacementGroups(group, range(args.world_size), 0 if args.colocate else args.world_size)
+
+
+def create_rollout_manager(args: argparse.Namespace, pgs: PlacementGroups) -> RolloutManager:
+    return RolloutManager(args, pgs.group, pgs.rollout_bundle)
+
+
+class TrainGroup:
+    """The training processes as one object: each verb runs on every rank (they are collectives)."""
+
+    def __init__(self, args: argparse.Namespace, pgs: PlacementGroups) -> None:
+        self.args = args
+        self.infos: list[dict] = []  # what each rank's init returned (pid, trainable count)
+        threads = max(1, (os.cpu_count() or 1) // args.world_size)
+        self.group = RayActorGroup(MegatronTrainRayActor, args.world_size, pgs.group, use_gpu=torch.cuda.is_available(),
+                                   first_bundle=pgs.actor_bundles.start,
+                                   env_vars={"SLIME_TRAIN_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)})
+
+    def async_init(self, args: argparse.Namespace, role: str = "actor") -> list[ray.ObjectRef]:
+        return self.group.async_call("init", args, role)
+
+    def train(self, rollout_id: int, data: dict) -> dict:
+        data_ref = ray.put(data)  # one copy in the object store, read by every rank
+        return self.group.call("train", rollout_id, data_ref)[0]
+
+    def update_weights(self, rollout_manager: RolloutManager) -> dict:
+        """Push the newest weights to the rollout engine (with LoRA: the adapter tensors only).
+
+        Every rank takes part in the export (TP shards are gathered); rank 0's result goes to
+        the engine as an ObjectRef, so the tensors never pass through the driver.
+        """
+        start = time.time()
+        refs = self.group.async_call("export_weights")
+        metrics = rollout_manager.update_weights(refs[0])
+        get_all(refs[1:])
+        metrics["sync/seconds"] = time.time() - start
+        return metrics
+
+    def save(self, rollout_id: int, extra_state: dict) -> None:
+        self.group.call("save", rollout_id, extra_state)
+
+    def load(self) -> tuple[int, dict]:
+        return self.group.call("load")[0]
+
+    def pids(self) -> list[int]:
+        return [info["pid"] for info in self.infos]
+
+
+def create_training_models(args: argparse.Namespace, pgs: PlacementGroups, rollout_manager: RolloutManager) -> TrainGroup:
+    """Start the training actors and build the policy in each (LoRA inside, optimizer after)."""
+    actor_model = TrainGroup(args, pgs)
+    actor_model.infos = get_all(actor_model.async_init(args, role="actor"))
+    return actor_model
