@@ -1,0 +1,217 @@
+"""MetricsLogger (JSONL, resume, curves, wandb/tensorboard), format_line and Progress."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from slime.utils.arguments import add_logging_arguments
+from slime.utils.errors import UserError
+from slime.utils.metrics import (CURVES_FILE, KL_KEY, LOGPROB_GAP_KEY, LOSS_KEY, METRICS_FILE, PEAK_MEM_KEY,
+                                 RESPONSE_LEN_KEY, REWARD_KEY, STEP_TIME_KEY, MetricsLogger, Progress, format_line,
+                                 plot_curves, read_metrics)
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HAS_WANDB = importlib.util.find_spec("wandb") is not None
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
+def _rows(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / METRICS_FILE).read_text().splitlines()]
+
+
+def _log_steps(logger: MetricsLogger, steps: range) -> None:
+    for step in steps:
+        logger.log(step, {REWARD_KEY: step / 10, LOSS_KEY: -0.01 * step})
+
+
+def test_each_log_call_is_one_flushed_json_row(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path)
+    logger.log(0, {REWARD_KEY: 0.25, LOSS_KEY: torch.tensor(-0.5), RESPONSE_LEN_KEY: np.float32(12.5)})
+    # Readable before close: the row is flushed as soon as it is logged.
+    assert _rows(tmp_path) == [{"rollout_id": 0, REWARD_KEY: 0.25, LOSS_KEY: -0.5, RESPONSE_LEN_KEY: 12.5}]
+    logger.log(1, {LOSS_KEY: float("nan"), KL_KEY: float("inf")})
+    logger.log(1, {"eval/arith/reward_mean": 0.5})  # a second row for the same rollout is allowed
+    logger.close()
+    rows = _rows(tmp_path)
+    assert rows[1:] == [{"rollout_id": 1, LOSS_KEY: None, KL_KEY: None},
+                        {"rollout_id": 1, "eval/arith/reward_mean": 0.5}]
+    assert read_metrics(tmp_path / METRICS_FILE) == rows
+    with pytest.raises(RuntimeError, match="after close"):
+        logger.log(2, {REWARD_KEY: 1.0})
+
+
+def test_bad_metrics_are_rejected(tmp_path: Path) -> None:
+    with MetricsLogger(tmp_path) as logger:
+        with pytest.raises(TypeError, match="'rollout/reward_mean' must be a number"):
+            logger.log(0, {REWARD_KEY: "high"})
+        with pytest.raises(ValueError, match="rollout_id"):
+            logger.log(0, {"rollout_id": 3})
+
+
+def test_a_killed_run_keeps_every_logged_row(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from slime.utils.metrics import MetricsLogger
+        logger = MetricsLogger({str(tmp_path)!r})
+        for step in range(3):
+            logger.log(step, {{"train/loss": float(step)}})
+        os._exit(9)  # no close(), no atexit, no buffer flush: as if killed
+    """)
+    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == 9
+    assert [row["rollout_id"] for row in _rows(tmp_path)] == [0, 1, 2]
+
+
+def test_resume_drops_rows_from_the_resume_step_on(tmp_path: Path) -> None:
+    first = MetricsLogger(tmp_path)
+    _log_steps(first, range(6))  # rollouts 3..5 happened after the last checkpoint
+    first.close()
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write('{"rollout_id": 6, "train/lo')  # a line torn by a kill mid-write
+
+    with MetricsLogger(tmp_path, resume_step=3) as resumed:
+        assert [row["rollout_id"] for row in _rows(tmp_path)] == [0, 1, 2]
+        _log_steps(resumed, range(3, 5))
+    ids = [row["rollout_id"] for row in _rows(tmp_path)]
+    assert ids == [0, 1, 2, 3, 4]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_a_fresh_run_starts_an_empty_file(tmp_path: Path) -> None:
+    with MetricsLogger(tmp_path) as logger:
+        _log_steps(logger, range(4))
+    with MetricsLogger(tmp_path) as logger:
+        _log_steps(logger, range(1))
+    assert [row["rollout_id"] for row in _rows(tmp_path)] == [0]
+
+
+@pytest.mark.parametrize("with_kl", [True, False])
+def test_close_draws_a_valid_png(tmp_path: Path, with_kl: bool) -> None:
+    with MetricsLogger(tmp_path) as logger:
+        for step in range(5):
+            metrics = {REWARD_KEY: 0.1 * step, RESPONSE_LEN_KEY: 20 + step, LOSS_KEY: -0.01 * step}
+            if with_kl:
+                metrics[KL_KEY] = 0.001 * step
+            logger.log(step, metrics)
+            if step % 2 == 0:
+                logger.log(step, {"eval/arith/reward_mean": 0.2 * step, "eval/gsm/reward_mean": 0.1})
+    png = tmp_path / CURVES_FILE
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    image = imread(png)
+    assert image.shape[:2] == (750, 1100)
+    assert image.std() > 0.05  # drawn on, not a blank canvas
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CURVES_FILE, METRICS_FILE]
+
+
+def test_curves_of_an_empty_log_and_redraws_replace_the_file(tmp_path: Path) -> None:
+    png = tmp_path / "empty.png"
+    plot_curves([], png)
+    first = png.read_bytes()
+    assert first[:8] == PNG_SIGNATURE
+    plot_curves([{"rollout_id": 0, REWARD_KEY: 1.0}, {"rollout_id": 1, REWARD_KEY: 0.5}], png)
+    assert png.read_bytes() != first
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.png"]
+
+
+def test_from_args_uses_the_logging_flags(tmp_path: Path) -> None:
+    args = add_logging_arguments(argparse.ArgumentParser()).parse_args(["--log-dir", str(tmp_path / "run")])
+    with MetricsLogger.from_args(args) as logger:
+        logger.log(0, {REWARD_KEY: 1.0})
+    assert logger.metrics_path == tmp_path / "run" / METRICS_FILE
+    assert _rows(tmp_path / "run") == [{"rollout_id": 0, REWARD_KEY: 1.0}]
+
+
+def test_without_log_dir_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with MetricsLogger(None) as logger:
+        logger.log(0, {REWARD_KEY: 1.0})
+        assert logger.write_curves() is None
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(HAS_WANDB, reason="wandb is installed")
+def test_use_wandb_without_wandb_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--use-wandb needs pip install wandb"):
+        MetricsLogger(tmp_path, use_wandb=True)
+    assert not (tmp_path / METRICS_FILE).exists()  # failed before touching the log dir
+
+
+@pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed")
+def test_use_tensorboard_without_tensorboard_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--use-tensorboard needs pip install tensorboard"):
+        MetricsLogger(tmp_path, use_tensorboard=True)
+
+
+def test_use_tensorboard_without_log_dir_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="--use-tensorboard needs --log-dir"):
+        MetricsLogger(None, use_tensorboard=True)
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed")
+def test_wandb_offline_run_is_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with MetricsLogger(tmp_path, use_wandb=True, wandb_project="test") as logger:
+        _log_steps(logger, range(3))
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    with MetricsLogger(tmp_path, use_wandb=True, wandb_project="test", resume_step=2) as logger:
+        _log_steps(logger, range(2, 4))
+    assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2 and all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)
+
+
+def test_format_line() -> None:
+    metrics = {REWARD_KEY: 0.40625, RESPONSE_LEN_KEY: 23.5, LOSS_KEY: -0.0123, LOGPROB_GAP_KEY: 2.1e-6,
+               STEP_TIME_KEY: 9.81, "eval/arith/reward_mean": 0.55, "train/grad_norm": 3.0}
+    assert format_line(3, metrics) == \
+        "rollout 3 | reward 0.406 | eval arith 0.55 | len 23.5 | loss -0.0123 | gap 2.1e-06 | 9.8 s"
+    line = format_line(12, {KL_KEY: 0.0, PEAK_MEM_KEY: 3.21, STEP_TIME_KEY: 1234.5, LOSS_KEY: float("nan"),
+                            RESPONSE_LEN_KEY: 1234.4})
+    assert line == "rollout 12 | len 1234 | loss nan | kl 0 | mem 3.21 GiB | 1234.5 s"
+    assert format_line(0, {}) == "rollout 0"
+
+
+def test_progress_plain_lines_when_not_a_tty() -> None:
+    stream = io.StringIO()
+    with Progress("rollout 3: generating", total=32, unit="sample", stream=stream, plain_every_s=0) as bar:
+        bar.update(16)
+        bar.update(16)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "rollout 3: generating: started (0/32 sample)"
+    assert lines[1].startswith("rollout 3: generating: 16/32 sample after ")
+    assert lines[-1].startswith("rollout 3: generating: done, 32/32 sample in ")
+    assert "\r" not in stream.getvalue()  # no bar redraws in a log file
+
+
+def test_progress_reports_a_failed_phase() -> None:
+    stream = io.StringIO()
+    with pytest.raises(KeyError), Progress("train", stream=stream):
+        raise KeyError("boom")
+    assert stream.getvalue().splitlines()[-1].startswith("train: failed, 0 it in ")
+
+
+def test_progress_draws_a_bar_on_a_tty() -> None:
+    master, slave = os.openpty()
+    try:
+        with open(slave, "w", closefd=False) as tty, Progress("rollout 0: generating", total=8, stream=tty) as bar:
+            bar.update(8)
+        output = os.read(master, 65536).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "\r" in output and "8/8" in output and "rollout 0: generating" in output
