@@ -1,0 +1,261 @@
+"""PEFT adapter export/import against the real peft library, at TP=1 and TP=2.
+
+Real components: tiny random HF checkpoints, our megatron-core model with LoRA from ``get_model``,
+transformers + ``peft.PeftModel`` as the reference, real gloo processes for TP=2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from slime.backends.megatron_utils.arch import ModelArch
+from slime.backends.megatron_utils.hf_convert import gather_logits, load_hf_weights
+from slime.utils.errors import UserError
+from slime_plugins.lora.lora_layer import lora_modules
+from slime_plugins.lora.peft_io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    export_peft_adapter,
+    load_peft_adapter,
+    peft_adapter_config,
+    save_peft_adapter,
+)
+from tests._support.dist import free_port, run_distributed
+from tests._support.tiny_models import make_tiny_checkpoint
+
+TOKENS = torch.tensor([[3, 17, 42, 5, 88, 1, 64, 9, 30, 2], [7, 7, 60, 12, 0, 95, 41, 8, 19, 50]])
+LORA_FLAGS = ["--use-lora", "--lora-r", "4", "--lora-alpha", "8"]
+
+
+def _build(checkpoint: Path, *flags: str, tp: int = 1):
+    from slime.backends.megatron_utils.model import get_model
+    from slime.utils.arguments import parse_args
+
+    args = parse_args(["--hf-checkpoint", str(checkpoint), "--tensor-model-parallel-size", str(tp),
+                       *LORA_FLAGS, *flags])
+    arch = ModelArch.from_checkpoint(checkpoint)
+    chunks = get_model(args, arch)
+    load_hf_weights(chunks, arch, checkpoint)
+    for chunk in chunks:
+        chunk.eval()
+    return chunks, arch, args
+
+
+def _token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log p(token_{t+1} | tokens_<=t): ``[b, s-1]``."""
+    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, TOKENS[:, 1:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def _our_logprobs(chunks, arch) -> torch.Tensor:
+    pos = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
+    return _token_logprobs(gather_logits(chunks[0](TOKENS, pos, None), arch))
+
+
+@torch.no_grad()
+def _hf_logprobs(base: Path) -> torch.Tensor:
+    return _token_logprobs(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()(TOKENS).logits)
+
+
+@torch.no_grad()
+def _peft_logprobs(base: Path, adapter: Path) -> torch.Tensor:
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    return _token_logprobs(model.eval()(TOKENS).logits)
+
+
+@torch.no_grad()
+def _randomize_b(chunks, seed: int = 0) -> None:
+    """Trained-looking adapters (TP=1 only): B random, so every module changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, layer in lora_modules(chunks[0]):
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+
+
+def _lora_state(chunks) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in chunks[0].state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def _peft_trained_adapter(base: Path, out: Path, **config) -> Path:
+    """An adapter made by peft itself: separate q/k/v and gate/up A's, random B."""
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **config}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    from megatron.core import parallel_state
+
+    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
+
+    owned = not parallel_state.model_parallel_is_initialized()
+    init_parallel(0, 1, master_port=free_port())
+    yield
+    if owned:
+        destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, single_process) -> dict[str, Path]:
+    """A qwen3 base (GQA 2, head_dim != hidden/heads), our TP=1 export of it and a peft-made adapter."""
+    root = tmp_path_factory.mktemp("peft")
+    base = make_tiny_checkpoint(root, family="qwen3", head_dim=16)
+    chunks, arch, args = _build(base)
+    _randomize_b(chunks)
+    save_peft_adapter(chunks, arch, args, root / "ours")
+    return {"root": root, "base": base, "ours": root / "ours",
+            "peft": _peft_trained_adapter(base, root / "peft-made")}
+
+
+def test_export_matches_peft_and_round_trips(setup):
+    base, ours = setup["base"], setup["ours"]
+    config = json.loads((ours / CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                "v_proj"]
+    assert config["bias"] == "none" and config["rank_pattern"] == {}
+    tensors = load_file(ours / WEIGHTS_NAME)
+    assert "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight" in tensors
+    assert len(tensors) == 2 * 7 * 2  # 2 layers x 7 HF modules x (A, B)
+
+    chunks, arch, args = _build(base)
+    assert (_our_logprobs(chunks, arch) - _hf_logprobs(base)).abs().max() < 1e-6  # B = 0: the base
+    load_peft_adapter(chunks, arch, ours, args)
+    expected = _peft_logprobs(base, ours)
+    assert (expected - _hf_logprobs(base)).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(_our_logprobs(chunks, arch), expected, atol=1e-4, rtol=0)
+    assert all(layer.r == 4 for _, layer in lora_modules(chunks[0]))  # identical A's: imported at rank r
+    exported = export_peft_adapter(chunks, arch)
+    assert exported.keys() == tensors.keys() and all(torch.equal(exported[k], tensors[k]) for k in tensors)
+
+
+def test_peft_made_adapter_imports_exactly_at_rank_3r(setup):
+    base, made = setup["base"], setup["peft"]
+    chunks, arch, args = _build(base)
+    load_peft_adapter(chunks, arch, made, args)
+    ranks = {name.rsplit(".", 1)[-1]: layer.r for name, layer in lora_modules(chunks[0])}
+    assert ranks == {"linear_qkv": 12, "linear_fc1": 8, "linear_proj": 4, "linear_fc2": 4}
+    expected = _peft_logprobs(base, made)
+    torch.testing.assert_close(_our_logprobs(chunks, arch), expected, atol=1e-4, rtol=0)
+    # Re-exported with rank_pattern / alpha_pattern, peft reads the same model back.
+    save_peft_adapter(chunks, arch, args, setup["root"] / "re-exported")
+    config = json.loads((setup["root"] / "re-exported" / CONFIG_NAME).read_text())
+    assert config["rank_pattern"][r"model\.layers\.0\.self_attn\.q_proj"] == 12
+    torch.testing.assert_close(_peft_logprobs(base, setup["root"] / "re-exported"), expected, atol=1e-4, rtol=0)
+
+
+def test_glob_targets_export_only_the_wrapped_modules(setup, tmp_path):
+    base = setup["base"]
+    chunks, arch, args = _build(base, "--lora-target-modules", "*.layers.0.*.linear_qkv", "linear_fc2")
+    _randomize_b(chunks, seed=1)
+    save_peft_adapter(chunks, arch, args, tmp_path / "glob")
+    config = json.loads((tmp_path / "glob" / CONFIG_NAME).read_text())
+    qkv0 = [f"model.layers.0.self_attn.{p}_proj" for p in "kqv"]
+    fc2 = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert config["target_modules"] == sorted(qkv0 + fc2)
+    assert peft_adapter_config(args, arch)["target_modules"] == config["target_modules"]  # from the flags alone
+    assert {k.split(".lora_")[0] for k in load_file(tmp_path / "glob" / WEIGHTS_NAME)} == \
+        {f"base_model.model.{m}" for m in qkv0 + fc2}
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "glob")
+    wrapped = {n for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == set(qkv0 + fc2)
+    torch.testing.assert_close(_our_logprobs(chunks, arch), _peft_logprobs(base, tmp_path / "glob"), atol=1e-4, rtol=0)
+
+
+def test_save_replaces_an_existing_directory_atomically(setup, tmp_path):
+    chunks, arch, args = _build(setup["base"])
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "stale.bin").write_bytes(b"old")
+    save_peft_adapter(chunks, arch, args, out)
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def _edited_copy(src: Path, dst: Path, *, config=None, tensors=None, raw: bytes | None = None) -> Path:
+    dst.mkdir()
+    data = json.loads((src / CONFIG_NAME).read_text())
+    (dst / CONFIG_NAME).write_text(json.dumps(config(data) if config else data))
+    if raw is not None:
+        (dst / WEIGHTS_NAME).write_bytes(raw)
+    else:
+        weights = load_file(src / WEIGHTS_NAME)
+        save_file(tensors(weights) if tensors else weights, dst / WEIGHTS_NAME)
+    return dst
+
+
+def _renamed(old: str, new: str):
+    return lambda t: {k.replace(old, new): v for k, v in t.items()}
+
+
+def _reshaped(key: str):
+    return lambda t: {**t, key: torch.zeros(t[key].shape[0] + 1, t[key].shape[1])}
+
+
+ERRORS = {
+    "missing-config": (None, r"adapter_config.json: missing"),
+    "truncated": (dict(raw=b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"), r"adapter_model.safetensors: corrupt or truncated"),
+    "unknown-module": (dict(tensors=_renamed("layers.1.mlp.down_proj", "layers.7.mlp.down_proj")),
+                       r"module model\.layers\.7\.mlp\.down_proj does not exist in the model"),
+    "shape": (dict(tensors=_reshaped("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")),
+              r"module model\.layers\.1\.mlp\.down_proj: lora_A \[4, 48\] / lora_B \[33, 4\] do not fit"),
+    "peft-type": (dict(config=lambda c: {**c, "peft_type": "IA3"}), r"peft_type is 'IA3', only 'LORA'"),
+    "bias": (dict(config=lambda c: {**c, "bias": "all"}), r"bias is 'all'; LoRA bias terms are not supported"),
+    "rank": (dict(config=lambda c: {**c, "r": 8}), r"r=8 but --lora-r 4; pass --lora-r 8"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_adapters_are_one_line_errors_and_load_nothing(setup, tmp_path, case):
+    edit, message = ERRORS[case]
+    path = tmp_path / case
+    if edit is None:
+        path.mkdir()
+    else:
+        _edited_copy(setup["ours"], path, **edit)
+    chunks, arch, args = _build(setup["base"])
+    before = _lora_state(chunks)
+    with pytest.raises(UserError, match=message) as info:
+        load_peft_adapter(chunks, arch, path, args)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    after = _lora_state(chunks)
+    assert all(torch.equal(before[k], after[k]) for k in before), "nothing may be loaded half-way"
+
+
+# ----------------------------------------------------------------------------- TP=2
+
+
+def _tp2_worker(rank: int, base: str, ours: str, made: str, out: str) -> dict[str, torch.Tensor]:
+    results = {}
+    for name, adapter in (("ours", ours), ("made", made)):
+        chunks, arch, args = _build(Path(base), tp=2)
+        load_peft_adapter(chunks, arch, adapter, args)
+        results[name] = _our_logprobs(chunks, arch)
+        save_peft_adapter(chunks, arch, args, Path(out) / name)
+    return results
+
+
+@pytest.mark.slow  # one spawn of two processes, each building four models (~40-70 s on 2 cores)
+def test_tp2_import_export_match_tp1_and_peft(setup):
+    base, ours, made, out = setup["base"], setup["ours"], setup["peft"], setup["root"] / "tp2"
+    results = run_distributed(_tp2_worker, 2, tp=2, args=(str(base), str(ours), str(made), str(out)))
+    for name, adapter in (("ours", ours), ("made", made)):
+        expected = _peft_logprobs(base, adapter)
+        for rank_result in results:
+            torch.testing.assert_close(rank_result[name], expected, atol=1e-4, rtol=0, msg=name)
+        torch.testing.assert_close(_peft_logprobs(base, out / name), expected, atol=1e-4, rtol=0)
+    tp1, tp2 = load_file(ours / WEIGHTS_NAME), load_file(out / "ours" / WEIGHTS_NAME)
+    assert tp1.keys() == tp2.keys() and all(torch.equal(tp1[k], tp2[k]) for k in tp1)
