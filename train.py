@@ -8,6 +8,7 @@ engine; without it, the same loop does full-parameter RL with full-weight sync.
 
 from __future__ import annotations
 
+import os
 import time
 
 from slime.ray.cluster import ray_cluster
@@ -17,22 +18,26 @@ from slime.ray.placement_group import (
     create_training_models,
     num_bundles,
 )
-from slime.ray.rollout import check_rollout_args
 from slime.utils.arguments import parse_args
 from slime.utils.errors import run_main
 from slime.utils.memory import PeakMemoryTracker
+from slime.utils.preflight import check_run
 from slime.utils.metrics import MetricsLogger, format_line
+from slime.utils.run_summary import summarize
 
 
 def train(args) -> dict:
-    check_rollout_args(args)
+    check_run(args)
+    wall_start = time.time()
     memory = PeakMemoryTracker()
-    with ray_cluster(num_cpus=num_bundles(args)):
+    history: list[tuple[int, dict]] = []
+    with ray_cluster(num_cpus=max(num_bundles(args), os.cpu_count() or 1)):
         pgs = create_placement_groups(args)
         rollout_manager = create_rollout_manager(args, pgs)
         actor_model = create_training_models(args, pgs, rollout_manager)
         for pid in [rollout_manager.engine_pid, *actor_model.pids()]:
             memory.add_pid(pid)
+        memory.add_ray_cluster_processes()  # raylet, GCS, workers: the whole run's memory
 
         start_rollout = 0
         if args.load:
@@ -40,10 +45,12 @@ def train(args) -> dict:
             rollout_manager.load_state_dict(state)
             start_rollout = iteration + 1
         num_rollout = args.num_rollout or args.num_epoch * rollout_manager.num_rollout_per_epoch()
-        logger = MetricsLogger(args, resume=start_rollout > 0)
+        logger = MetricsLogger.from_args(args, resume_step=start_rollout)
         actor_model.update_weights(rollout_manager)
         if args.eval_interval and start_rollout == 0:
-            logger.log(-1, rollout_manager.eval(-1))  # where the run starts from
+            history.append((-1, rollout_manager.eval(-1)))  # where the run starts from
+            logger.log(*history[-1])
+            print(format_line(*history[-1]), flush=True)
 
         for rollout_id in range(start_rollout, num_rollout):
             step_start = time.time()
@@ -55,12 +62,15 @@ def train(args) -> dict:
             if should_eval(args, rollout_id, num_rollout):
                 metrics |= rollout_manager.eval(rollout_id)
             metrics["perf/step_seconds"] = time.time() - step_start
-            metrics["perf/peak_memory_gib"] = memory.peak_bytes / 2**30
+            metrics |= memory.metrics()
+            history.append((rollout_id, metrics))
             logger.log(rollout_id, metrics)
             print(format_line(rollout_id, metrics), flush=True)
         logger.close()
     memory.stop()
-    return {"peak_memory_bytes": memory.peak_bytes, "num_rollout": num_rollout}
+    lines = summarize(args, history, time.time() - wall_start, memory.summary())
+    print("\n".join(["=" * 80, "Summary", *lines, "=" * 80]), flush=True)
+    return {"history": history, "memory": memory.summary()}
 
 
 def should_save(args, rollout_id: int, num_rollout: int) -> bool:

@@ -25,7 +25,6 @@ from slime.rollout.data import PromptDataset, Sample
 from slime.rollout.engine import SamplingParams
 from slime.rollout.hf_engine import HFRolloutEngine
 from slime.rollout.rm import batch_rewards, load_reward_fn
-from slime.utils.errors import UserError
 
 POLICY_ADAPTER = "policy"
 
@@ -157,9 +156,3 @@ class RolloutManager:
         if self.dataset and "dataset" in state:
             self.dataset.load_state_dict(state["dataset"])
 
-
-def check_rollout_args(args: argparse.Namespace) -> None:
-    if not args.prompt_data:
-        raise UserError("--prompt-data is required: a jsonl file of prompts (see tools/make_arith_data.py)")
-    if args.hf_checkpoint is None:
-        raise UserError("--hf-checkpoint is required: a Hugging Face model directory (tools/prepare_model.py makes one)")

@@ -176,6 +176,8 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if value is not None and value < 1:
             errors.append(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if args.num_rollout is not None and args.num_epoch is not None:
+        errors.append("--num-rollout and --num-epoch are exclusive; give one")
     if args.lr <= 0 or not math.isfinite(args.lr):
         errors.append(f"--lr must be a positive number (got {args.lr})")
     if args.rollout_temperature <= 0:
