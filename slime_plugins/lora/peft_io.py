@@ -416,7 +416,8 @@ def _unknown_module_errors(adapter: PeftAdapter, targets: list[_Target], arch: M
         known = layer_match is not None and int(layer_match[1]) < arch.num_layers and any(
             layer_match[2] in parts for parts in MEGATRON_TO_HF_LAYER.values())
         if not known:
-            errors.append(f"{adapter.path / WEIGHTS_NAME}: module {module} does not exist in the model")
+            errors.append(f"{adapter.path / WEIGHTS_NAME}: module {module} does not exist in the model (LoRA goes on "
+                          f"{HF_LAYER_PREFIX}.0..{arch.num_layers - 1} attention/MLP projections)")
         elif module not in wrapped and int(layer_match[1]) in local_layers:
             errors.append(f"{adapter.path / WEIGHTS_NAME}: module {module} is not wrapped by --lora-target-modules; "
                           "add it (e.g. its HF name) to the targets")
