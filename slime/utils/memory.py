@@ -131,6 +131,7 @@ class PeakMemoryTracker:
         """Take the baseline sample and start the background thread."""
         if self._thread is not None:
             return
+        self._stop_event.clear()
         first = self._sample(with_pss=self.pss_every > 0)
         with self._lock:
             self._state.baseline_bytes = first.rss_bytes

@@ -118,7 +118,12 @@ def _import_for_flag(module: str, flag: str, package: str) -> Any:
 
 
 class _WandbSink:
-    """One wandb run per log dir: its id is kept in the dir, so a resumed run continues it."""
+    """One wandb run per log dir: its id is kept in the dir, so a resumed run continues it.
+
+    wandb only accepts increasing steps: for the rollouts a killed run had already
+    sent after its last checkpoint, the first values stay on the wandb server
+    (metrics.jsonl and tensorboard hold the re-run's values).
+    """
 
     def __init__(self, wandb: Any, project: str, log_dir: Path | None, config: Mapping[str, Any],
                  resume_step: int) -> None:
@@ -258,13 +263,18 @@ def _eval_names(rows: Iterable[Row]) -> list[str]:
 
 
 def _draw_panel(ax: Any, rows: list[Row], key: str, title: str, empty_text: str = "no data yet") -> None:
+    from matplotlib.ticker import MaxNLocator
+
     xs, ys = _series(rows, key)
     ax.set_title(title)
     ax.set_xlabel("rollout id")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if xs:
-        ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=key)
+        ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=key.split("/")[0])
     else:
         ax.text(0.5, 0.5, empty_text, transform=ax.transAxes, ha="center", va="center", color="gray")
+        ax.set_xticks([])
+        ax.set_yticks([])
     ax.grid(alpha=0.3)
 
 

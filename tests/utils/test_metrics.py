@@ -175,6 +175,20 @@ def test_wandb_offline_run_is_resumed(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(runs) == 2 and all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)
 
 
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed")
+def test_tensorboard_events_and_resume_purge(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, use_tensorboard=True) as logger:
+        _log_steps(logger, range(5))
+    with MetricsLogger(tmp_path, use_tensorboard=True, resume_step=3) as logger:
+        _log_steps(logger, range(3, 4))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars(REWARD_KEY)] == [0, 1, 2, 3]  # step 4 of the killed run purged
+    assert events.Scalars(LOSS_KEY)[2].value == pytest.approx(-0.02)
+
+
 def test_format_line() -> None:
     metrics = {REWARD_KEY: 0.40625, RESPONSE_LEN_KEY: 23.5, LOSS_KEY: -0.0123, LOGPROB_GAP_KEY: 2.1e-6,
                STEP_TIME_KEY: 9.81, "eval/arith/reward_mean": 0.55, "train/grad_norm": 3.0}
