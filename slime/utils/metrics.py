@@ -34,8 +34,8 @@ REWARD_KEY = "rollout/reward_mean"
 RESPONSE_LEN_KEY = "rollout/response_len_mean"
 LOSS_KEY = "train/loss"
 KL_KEY = "train/kl"
-LOGPROB_GAP_KEY = "train/logprob_gap"  # mean |trainer log-prob - rollout log-prob| over response tokens
-STEP_TIME_KEY = "perf/step_time_s"
+LOGPROB_GAP_KEY = "train/rollout_logprob_abs_diff"  # mean |trainer log-prob - rollout log-prob| over response tokens
+STEP_TIME_KEY = "perf/step_seconds"
 PEAK_MEM_KEY = "mem/peak_rss_gib"  # PeakMemoryTracker.metrics()
 EVAL_REWARD_PATTERN = re.compile(r"^eval/(?P<name>.+)/reward_mean$")
 
