@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,55 +22,14 @@ from slime.backends.megatron_utils.loss import (
     policy_loss,
     token_logprobs_and_entropy,
 )
+from slime.backends.megatron_utils.packing import (
+    PackedBatch,
+    collate,
+    group_by_prompt,
+    plan_micro_batches,
+    rope_at_positions,
+)
 from slime.utils.errors import UserError
-
-
-@dataclass
-class MicroBatch:
-    """Right-padded samples. ``tokens: [b, L]``; ``mask[i, j] = 1`` when ``tokens[i, j + 1]`` is a
-    response token (logits at j predict token j + 1); ``rollout_logp`` aligned with ``mask``."""
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    rollout_logp: torch.Tensor
-    advantages: torch.Tensor
-    index: list[int]
-
-
-def make_micro_batches(samples: list[int], data: dict, micro_batch_size: int,
-                       max_tokens: int | None) -> list[MicroBatch]:
-    """Group samples of similar length (less padding): ``micro_batch_size`` samples each, or as many
-    as fit in ``max_tokens`` padded tokens when that is set."""
-    order = sorted(samples, key=lambda i: len(data["tokens"][i]), reverse=True)
-    groups: list[list[int]] = []
-    for i in order:
-        current = groups[-1] if groups else None
-        if current is None:
-            fits = False
-        elif max_tokens is not None:  # sorted longest first: the group's width is its first sample's
-            fits = len(data["tokens"][current[0]]) * (len(current) + 1) <= max_tokens
-        else:
-            fits = len(current) < micro_batch_size
-        if fits:
-            current.append(i)
-        else:
-            groups.append([i])
-    return [_collate(g, data) for g in groups]
-
-
-def _collate(index: list[int], data: dict) -> MicroBatch:
-    width = max(len(data["tokens"][i]) for i in index)
-    tokens = torch.zeros(len(index), width, dtype=torch.long)
-    mask = torch.zeros(len(index), width - 1)
-    rollout_logp = torch.zeros(len(index), width - 1)
-    for row, i in enumerate(index):
-        seq, prompt_len = data["tokens"][i], data["prompt_lens"][i]
-        tokens[row, : len(seq)] = torch.tensor(seq)
-        n = len(seq) - prompt_len
-        mask[row, prompt_len - 1: len(seq) - 1] = 1.0
-        rollout_logp[row, prompt_len - 1: prompt_len - 1 + n] = torch.tensor(data["rollout_logprobs"][i][:n])
-    advantages = torch.tensor([data["advantages"][i] for i in index], dtype=torch.float32)
-    return MicroBatch(tokens, mask, rollout_logp, advantages, index)
 
 
 class MegatronTrainRayActor:
@@ -106,13 +64,23 @@ class MegatronTrainRayActor:
 
     # ------------------------------------------------------------------ forward
 
-    def _logprobs(self, model: list[nn.Module], mb: MicroBatch, entropy: bool = False):
-        tokens = mb.tokens
-        inputs = tokens[:, :-1]
-        position_ids = torch.arange(inputs.shape[1]).expand_as(inputs)
-        logits = gather_full_vocab(model[0](inputs, position_ids, None))
-        return token_logprobs_and_entropy(logits, tokens[:, 1:], self.arch.vocab_size, self.args.rollout_temperature,
+    def _logprobs(self, model: list[nn.Module], mb: PackedBatch, entropy: bool = False):
+        """Log-probs and entropies ``[T]`` of the micro-batch's response tokens at the rollout temperature."""
+        with rope_at_positions(model[0], mb.position_ids):
+            logits = model[0](mb.tokens, mb.position_ids, mb.attention_mask)  # [b, S, V/tp]
+        logits = gather_full_vocab(logits[mb.pred_row, mb.pred_col])  # [T, V]
+        return token_logprobs_and_entropy(logits, mb.targets, self.arch.vocab_size, self.args.rollout_temperature,
                                           with_entropy=entropy)
+
+    def _micro_batches(self, samples: list[int], data: dict) -> list[PackedBatch]:
+        groups = group_by_prompt(samples, data)
+        plan = plan_micro_batches(groups, data, self.args.micro_batch_size, self.args.max_tokens_per_micro_batch)
+        return [collate(rows, data) for rows in plan]
+
+    def _my_samples(self, samples: range, data: dict) -> list[int]:
+        """This DP rank's share: whole prompt groups, round robin."""
+        groups = group_by_prompt(list(samples), data)
+        return [i for g, group in enumerate(groups) if g % self.dp_size == self.dp_rank for i in group]
 
     @torch.no_grad()
     def _reference_logprobs(self, mb: MicroBatch) -> torch.Tensor:
@@ -143,13 +111,12 @@ class MegatronTrainRayActor:
         totals = torch.zeros(7, dtype=torch.float64)  # loss, kl, entropy, gap, clipped, tokens, gap_tokens
         grad_norms = []
         for step in range(steps):
-            mine = [i for i in range(step * step_size, (step + 1) * step_size) if i % self.dp_size == self.dp_rank]
-            batches = make_micro_batches(mine, data, args.micro_batch_size, args.max_tokens_per_micro_batch)
+            batches = self._micro_batches(self._my_samples(range(step * step_size, (step + 1) * step_size), data), data)
             if steps > 1 and step == 0:
                 # The policy moves after step 0: measure the gap and take old log-probs for all
                 # samples now, with one no-grad pass.
                 self._old_logp = self._no_grad_logprobs(data, totals)
-            local_tokens = sum(float(mb.mask.sum()) for mb in batches)
+            local_tokens = float(sum(mb.num_tokens for mb in batches))
             step_tokens = self._dp_sum(torch.tensor([local_tokens]))[0].item()
             self.optimizer.zero_grad()
             for mb in batches:
@@ -169,47 +136,42 @@ class MegatronTrainRayActor:
         self._check_gap(rollout_id, metrics["train/rollout_logprob_abs_diff"])
         return metrics
 
-    def _train_micro_batch(self, mb: MicroBatch, step_tokens: float, steps: int, totals: torch.Tensor) -> None:
+    def _train_micro_batch(self, mb: PackedBatch, step_tokens: float, steps: int, totals: torch.Tensor) -> None:
         args = self.args
         ref_logp = self._reference_logprobs(mb) if args.use_kl_loss else None
         logp, entropy = self._logprobs(self.model, mb, entropy=args.entropy_coef > 0)
-        mask = mb.mask
         if steps == 1:
             old_logp = logp.detach()  # one update per rollout: ratio is 1, no second forward needed
-            totals[3] += float(((logp.detach() - mb.rollout_logp).abs() * mask).sum())
-            totals[6] += float(mask.sum())
+            totals[3] += float((logp.detach() - mb.rollout_logp).abs().sum())
+            totals[6] += mb.num_tokens
         else:
-            old_logp = self._old_logp_for(mb)
-        pg, clipped = policy_loss(logp, old_logp, mb.advantages, mask, args.eps_clip, args.eps_clip_high)
+            old_logp = torch.cat([self._old_logp[i] for i in mb.index])
+        pg, clipped = policy_loss(logp, old_logp, mb.advantages, args.eps_clip, args.eps_clip_high)
         loss = pg
         if ref_logp is not None:
-            kl = (kl_penalty(logp, ref_logp, args.kl_loss_type) * mask).sum()
+            kl = kl_penalty(logp, ref_logp, args.kl_loss_type).sum()
             loss = loss + args.kl_loss_coef * kl
             totals[1] += float(kl.detach())
         if args.entropy_coef > 0:
-            loss = loss - args.entropy_coef * (entropy * mask).sum()
+            loss = loss - args.entropy_coef * entropy.sum()
         # Token mean over the global step; the optimizer averages over DP ranks, so undo that.
         (loss * self.dp_size / max(step_tokens, 1.0)).backward()
         totals[0] += float(pg.detach())
-        totals[2] += float((entropy.detach() * mask).sum())
+        totals[2] += float(entropy.detach().sum())
         totals[4] += float(clipped)
-        totals[5] += float(mask.sum())
+        totals[5] += mb.num_tokens
 
     @torch.no_grad()
     def _no_grad_logprobs(self, data: dict, totals: torch.Tensor) -> dict[int, torch.Tensor]:
-        mine = [i for i in range(len(data["tokens"])) if i % self.dp_size == self.dp_rank]
+        """Per sample, the current policy's log-probs (old log-probs when a rollout takes several steps)."""
         old = {}
-        for mb in make_micro_batches(mine, data, self.args.micro_batch_size, self.args.max_tokens_per_micro_batch):
+        for mb in self._micro_batches(self._my_samples(range(len(data["tokens"])), data), data):
             logp = self._logprobs(self.model, mb)[0]
-            totals[3] += float(((logp - mb.rollout_logp).abs() * mb.mask).sum())
-            totals[6] += float(mb.mask.sum())
-            for row, i in enumerate(mb.index):
-                old[i] = logp[row]
+            totals[3] += float((logp - mb.rollout_logp).abs().sum())
+            totals[6] += mb.num_tokens
+            for local, i in enumerate(mb.index):
+                old[i] = logp[mb.sample == local]
         return old
-
-    def _old_logp_for(self, mb: MicroBatch) -> torch.Tensor:
-        width = mb.tokens.shape[1] - 1
-        return torch.stack([self._old_logp[i][:width] for i in mb.index])
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized() and self.dp_size > 1:

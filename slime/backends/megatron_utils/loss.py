@@ -34,8 +34,8 @@ def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, voca
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``targets`` and entropy of the predictive distribution.
 
-    ``logits: [b, s, V_padded]`` (full vocabulary; columns past ``vocab_size`` are the TP
-    padding and are dropped), ``targets: [b, s]``.  Returns two ``[b, s]`` fp32 tensors; the
+    ``logits: [..., V_padded]`` (full vocabulary; columns past ``vocab_size`` are the TP
+    padding and are dropped), ``targets: [...]``.  Returns two ``[...]`` fp32 tensors; the
     entropy carries a gradient only ``with_entropy`` (an entropy bonus), else it is a metric.
     """
     logits = logits[..., :vocab_size].float() / temperature
@@ -75,15 +75,13 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.T
     return kl.clamp(-10.0, 10.0) if kind == "low_var_kl" else kl
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                 eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed clipped surrogate over masked tokens, and the number of clipped tokens.
+    """Summed clipped surrogate, and the number of tokens where clipping bit.
 
-    ``logp, old_logp, mask: [b, s]``; ``advantages: [b]`` (broadcast over tokens).
+    All arguments are per response token, ``[T]`` (each token carries its sample's advantage).
     """
     ratio = torch.exp(logp - old_logp)
-    adv = advantages.unsqueeze(-1)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    per_token = torch.maximum(unclipped, clipped)
-    return (per_token * mask).sum(), ((clipped > unclipped).float() * mask).sum()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    return torch.maximum(unclipped, clipped).sum(), (clipped > unclipped).float().sum()

@@ -1,0 +1,152 @@
+"""Train on each prompt once per group: one row holds a prompt and all its sampled responses.
+
+GRPO samples every prompt n times.  Run naively, the trainer recomputes the prompt n times.
+Instead a group becomes one row
+
+    [ prompt (P tokens) | response 1 (L1) | response 2 (L2) | ... ]
+
+with positions ``0..P-1, P..P+L1-1, P..P+L2-1, ...`` (each response continues the prompt) and
+an attention mask that lets a response token see the prompt and the earlier tokens of its own
+response only.  Every hidden state then equals the one of the unpacked sequence ``prompt +
+response i``, so log-probs are identical (tests check it), at ``P + sum L_i`` tokens instead
+of ``n P + sum L_i``.  The first token of every response is predicted by the logits of the
+last prompt position, so targets are gathered by explicit (row, position) indices.
+
+All per-token outputs are flat ``[T]`` vectors over the response tokens of the micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch. ``tokens, position_ids: [b, S]``; ``attention_mask: [b, 1, S, S]`` (True =
+    masked out); per response token (``[T]``): ``pred_row, pred_col`` (whose logits predict it),
+    ``targets``, ``rollout_logp``, ``advantages`` and ``sample`` (index into ``index``)."""
+
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pred_row: torch.Tensor
+    pred_col: torch.Tensor
+    targets: torch.Tensor
+    rollout_logp: torch.Tensor
+    advantages: torch.Tensor
+    sample: torch.Tensor
+    index: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.targets.numel())
+
+
+def group_by_prompt(samples: list[int], data: dict) -> list[list[int]]:
+    """Consecutive samples with the same prompt ids form one group (rollouts keep groups together)."""
+    groups: list[list[int]] = []
+    for i in samples:
+        if groups and _prompt(data, groups[-1][0]) == _prompt(data, i):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _prompt(data: dict, i: int) -> list[int]:
+    return data["tokens"][i][: data["prompt_lens"][i]]
+
+
+def row_width(group: list[int], data: dict) -> int:
+    prompt_len = data["prompt_lens"][group[0]]
+    return prompt_len + sum(len(data["tokens"][i]) - prompt_len for i in group)
+
+
+def plan_micro_batches(groups: list[list[int]], data: dict, micro_batch_size: int,
+                       max_tokens: int | None) -> list[list[list[int]]]:
+    """Rows (groups), longest first, into micro-batches of at most ``micro_batch_size`` samples or,
+    when ``max_tokens`` is set, at most that many padded tokens (a lone row may exceed it)."""
+    order = sorted(groups, key=lambda g: row_width(g, data), reverse=True)
+    batches: list[list[list[int]]] = []
+    for group in order:
+        current = batches[-1] if batches else None
+        if current is None:
+            fits = False
+        elif max_tokens is not None:
+            fits = row_width(current[0], data) * (len(current) + 1) <= max_tokens
+        else:
+            fits = sum(len(g) for g in current) + len(group) <= micro_batch_size
+        if fits:
+            current.append(group)
+        else:
+            batches.append([group])
+    return batches
+
+
+def collate(rows: list[list[int]], data: dict) -> PackedBatch:
+    """Build the packed tensors for rows of sample groups (see the module docstring)."""
+    width = max(row_width(g, data) for g in rows)
+    b = len(rows)
+    tokens = torch.zeros(b, width, dtype=torch.long)
+    positions = torch.zeros(b, width, dtype=torch.long)
+    allowed = torch.zeros(b, width, width, dtype=torch.bool)
+    pred_row, pred_col, targets, rollout_logp, advantages, sample = [], [], [], [], [], []
+    index: list[int] = []
+    for r, group in enumerate(rows):
+        prompt_len = data["prompt_lens"][group[0]]
+        tokens[r, :prompt_len] = torch.tensor(_prompt(data, group[0]))
+        positions[r, :prompt_len] = torch.arange(prompt_len)
+        allowed[r, :prompt_len, :prompt_len] = torch.ones(prompt_len, prompt_len, dtype=torch.bool).tril()
+        start = prompt_len
+        for i in group:
+            response = data["tokens"][i][prompt_len:]
+            n = len(response)
+            end = start + n
+            tokens[r, start:end] = torch.tensor(response)
+            positions[r, start:end] = torch.arange(prompt_len, prompt_len + n)
+            allowed[r, start:end, :prompt_len] = True
+            allowed[r, start:end, start:end] = torch.ones(n, n, dtype=torch.bool).tril()
+            pred_row += [r] * n
+            pred_col += [prompt_len - 1] + list(range(start, end - 1))
+            targets += response
+            rollout_logp += list(data["rollout_logprobs"][i][:n])
+            advantages += [data["advantages"][i]] * n
+            sample += [len(index)] * n
+            index.append(i)
+            start = end
+    return PackedBatch(
+        tokens=tokens, position_ids=positions, attention_mask=~allowed.unsqueeze(1),
+        pred_row=torch.tensor(pred_row, dtype=torch.long), pred_col=torch.tensor(pred_col, dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long), rollout_logp=torch.tensor(rollout_logp, dtype=torch.float32),
+        advantages=torch.tensor(advantages, dtype=torch.float32), sample=torch.tensor(sample, dtype=torch.long),
+        index=index,
+    )
+
+
+@contextlib.contextmanager
+def rope_at_positions(model: nn.Module, position_ids: torch.Tensor):
+    """Make megatron's RoPE use ``position_ids [b, S]`` instead of ``0..S-1`` inside the block.
+
+    megatron-core's GPTModel computes rotary frequencies for positions ``0..S-1`` shared by the
+    batch; here they become per-row ``[S, b, 1, d]`` frequencies, which its rotary kernels
+    broadcast over heads.
+    """
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None:
+        yield
+        return
+    original = rope.forward
+
+    def forward(max_seq_len: int, *args, **kwargs) -> torch.Tensor:
+        table = original(int(position_ids.max()) + 1, *args, **kwargs)  # [P, 1, 1, d]
+        return table[position_ids.t(), 0]  # [S, b, 1, d]
+
+    rope.forward = forward
+    try:
+        yield
+    finally:
+        del rope.forward  # back to the class's method

@@ -1,0 +1,75 @@
+"""Prompt-shared packing gives exactly the log-probs of the unpacked sequences (TP=1 and TP=2)."""
+
+import torch
+
+from tests._support.dist import run_distributed
+
+VOCAB = 128
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    p1 = torch.randint(0, VOCAB, (7,), generator=g).tolist()
+    p2 = torch.randint(0, VOCAB, (5,), generator=g).tolist()
+    responses = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 6, 1, 4, 2)]
+    tokens = [p1 + responses[0], p1 + responses[1], p1 + responses[2], p2 + responses[3], p2 + responses[4]]
+    return dict(tokens=tokens, prompt_lens=[7, 7, 7, 5, 5], rollout_logprobs=[[0.0] * len(r) for r in responses],
+                advantages=[0.5, -1.0, 0.5, 1.0, -1.0])
+
+
+def _packed_vs_plain(rank):
+    from slime.backends.megatron_utils.arch import ModelArch
+    from slime.backends.megatron_utils.loss import gather_full_vocab, token_logprobs_and_entropy
+    from slime.backends.megatron_utils.model import initialize_model_and_optimizer
+    from slime.backends.megatron_utils.packing import collate, group_by_prompt, plan_micro_batches, rope_at_positions
+    from slime.utils.arguments import parse_args
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    arch = ModelArch.from_hf_config(dict(architectures=["LlamaForCausalLM"], num_hidden_layers=2, hidden_size=64,
+                                         intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                                         vocab_size=VOCAB))
+    torch.manual_seed(0)
+    model = initialize_model_and_optimizer(parse_args(["--tensor-model-parallel-size", str(tp)]), arch=arch).model[0]
+    data = _data()
+    groups = group_by_prompt(list(range(5)), data)
+    plan = plan_micro_batches(groups, data, micro_batch_size=8, max_tokens=None)
+    packed, order = [], []
+    with torch.no_grad():
+        for rows in plan:
+            mb = collate(rows, data)
+            with rope_at_positions(model, mb.position_ids):
+                logits = model(mb.tokens, mb.position_ids, mb.attention_mask)
+            logp, _ = token_logprobs_and_entropy(gather_full_vocab(logits[mb.pred_row, mb.pred_col]), mb.targets, VOCAB)
+            for local, i in enumerate(mb.index):
+                packed.append(logp[mb.sample == local])
+                order.append(i)
+        plain = []
+        for i in order:
+            seq, prompt_len = torch.tensor([data["tokens"][i]]), data["prompt_lens"][i]
+            logits = gather_full_vocab(model(seq[:, :-1], torch.arange(seq.shape[1] - 1)[None], None))
+            plain.append(token_logprobs_and_entropy(logits[0, prompt_len - 1:], seq[0, prompt_len:], VOCAB)[0])
+    return groups, [len(rows) for rows in plan], torch.cat(packed), torch.cat(plain)
+
+
+def test_group_packing_is_exact_at_tp1_and_tp2():
+    for world in (1, 2):
+        for groups, plan, packed, plain in run_distributed(_packed_vs_plain, world):
+            assert groups == [[0, 1, 2], [3, 4]] and plan == [2]
+            assert packed.shape == plain.shape == (16,)
+            torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_saves_the_repeated_prompts():
+    from slime.backends.megatron_utils.packing import collate, group_by_prompt, row_width
+
+    data = _data()
+    groups = group_by_prompt(list(range(5)), data)
+    assert sum(row_width(g, data) for g in groups) == 7 + 10 + 5 + 6  # vs 3 * 7 + 10 + 2 * 5 + 6
+    mb = collate(groups, data)
+    # a response token never sees another response of its group
+    first_resp = slice(7, 10)
+    second_resp = slice(10, 16)
+    assert mb.attention_mask[0, 0, second_resp, first_resp].all()
+    assert not mb.attention_mask[0, 0, second_resp, :7].any()
+    assert mb.position_ids[0, 10].item() == 7  # the second response continues the prompt too
