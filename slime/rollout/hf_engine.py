@@ -80,7 +80,7 @@ class HFRolloutEngine:
         self._base_tensors: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
         self._adapters: dict[str, _Adapter] = {}
         self._lora_layers: list[LoraLayer] = []
-        self._active: str | None = None
+        self._active: object = None  # adapter name, None (base) or _STALE
         self._weight_updates = 0
 
     # ----------------------------------------------------------------- generation

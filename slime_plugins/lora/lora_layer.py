@@ -145,17 +145,21 @@ class LoRALinear(nn.Module):
         return full[:, rank * in_local : (rank + 1) * in_local].clone()
 
     def _mark_tensor_parallel(self) -> None:
-        """Tag parameters the way megatron tags its own, so grad-norm and sync treat them right."""
-        split, replicated = (self.lora_B, self.lora_A) if self.kind == "column" else (self.lora_A, self.lora_B)
+        """Tag parameters the way megatron tags its own, so grad-norm and sync treat them right.
+
+        ``tensor_model_parallel``: this rank holds a shard (counted on every rank in the grad norm).
+        ``sequence_parallel``: a replicated tensor fed by a sequence slice, whose gradient is a
+        partial sum over the TP group.
+        """
         if self.kind == "plain":
-            split, replicated = None, None
-        for p in (self.lora_A, self.lora_B):
-            p.tensor_model_parallel = p is split and _tp_rank_and_size(self.base_layer)[1] > 1
-            p.partition_dim = 0 if self.kind == "column" else 1
-            p.partition_stride = 1
-        if replicated is not None and self.sequence_parallel:
-            # Each rank sees only its slice of the sequence: these gradients are partial sums.
-            replicated.sequence_parallel = True
+            return
+        split, replicated = (self.lora_B, self.lora_A) if self.kind == "column" else (self.lora_A, self.lora_B)
+        tp_size = _tp_rank_and_size(self.base_layer)[1]
+        split.tensor_model_parallel = tp_size > 1
+        split.partition_dim = 0 if self.kind == "column" else 1
+        split.partition_stride = 1
+        replicated.tensor_model_parallel = False
+        replicated.sequence_parallel = self.sequence_parallel
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters this layer adds: ``[lora_A, lora_B]``."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from slime.rollout.engine import GenerateOutput, RolloutEngine, SamplingParams
 from slime.rollout.hf_engine import HFRolloutEngine
@@ -114,6 +114,20 @@ def test_greedy_equals_step_by_step_full_recompute(engine, reference):
         assert out.token_ids == ids[len(prompt) :]
         assert out.finish_reason == "length" and len(out.logprobs) == GREEDY.max_new_tokens
     assert len({tuple(o.token_ids) for o in outputs}) > 2  # the check is not vacuous
+    _assert_matches_model(reference, PROMPTS, outputs, temperature=1.0, greedy=True)
+
+
+def test_left_padding_positions_with_absolute_position_embeddings(tmp_path):
+    # RoPE only sees relative offsets, so a wrong per-row position shift is
+    # invisible on Llama; learned absolute positions (GPT-2) expose it.
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+        initializer_range=0.2, bos_token_id=0, eos_token_id=EOS,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).eval().save_pretrained(tmp_path)
+    reference = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    outputs = HFRolloutEngine(str(tmp_path)).generate(PROMPTS, GREEDY)
     _assert_matches_model(reference, PROMPTS, outputs, temperature=1.0, greedy=True)
 
 
