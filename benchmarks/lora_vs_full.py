@@ -20,7 +20,9 @@ Measured per variant:
 * activation bytes: unique non-parameter storages packed by autograd during one micro-batch's
   forward (``torch.autograd.graph.saved_tensors_hooks``), i.e. what backward keeps alive.
 
-Run:  ``python benchmarks/lora_vs_full.py``  (``--help`` for the knobs; ~2-4 minutes).
+Run:  ``python benchmarks/lora_vs_full.py``  (``--help`` for the knobs).  It takes 14 training
+steps plus two model builds; wall times are only meaningful on an otherwise idle machine, so
+the CPU seconds per step (``cpu s``, process time of all threads) are reported next to them.
 """
 
 from __future__ import annotations
