@@ -333,39 +333,49 @@ def _ratio(ours: float | None, trl: float | None) -> float | None:
     return ours / trl if ours is not None and trl else None
 
 
+def _verdict(text: str, ok: bool | None) -> str:
+    return text if ok is None else f"{text} {'met' if ok else 'MISSED'}"
+
+
+def _row(metric: str, trl: RunResult | None, ours: RunResult | None, attr: str, spec: str,
+         ratio: bool = False, target: str = "") -> tuple[str, str, str, str, str]:
+    """One table row: ``attr`` of each system, and ours/TRL when ``ratio``."""
+    a, b = (None if r is None else getattr(r, attr) for r in (trl, ours))
+    return metric, _fmt(a, spec), _fmt(b, spec), _fmt(_ratio(b, a), ".3f") if ratio else "-", target
+
+
 def report_rows(trl: RunResult | None, ours: RunResult | None) -> list[tuple[str, str, str, str, str]]:
-    """(metric, TRL, ours, ours/TRL, target) cells of the comparison table."""
-    get = lambda r, attr: None if r is None else getattr(r, attr)  # noqa: E731
-    step_ratio = _ratio(get(ours, "median_step_s"), get(trl, "median_step_s"))
-    mem_ratio = _ratio(get(ours, "peak_rss_gib"), get(trl, "peak_rss_gib"))
-    within = lambda r: None if r is None else r.seconds_to_target  # noqa: E731
-    met = lambda ok: "" if ok is None else (" met" if ok else " MISSED")  # noqa: E731
-    acc_ok = None if ours is None else (within(ours) is not None and within(ours) <= ACCURACY_WITHIN_S)
+    """(metric, TRL, ours, ours/TRL, target) cells of the comparison table; targets judge ours."""
+    both = trl is not None and ours is not None
+    step_ok = ours.median_step_s <= STEP_RATIO_MAX * trl.median_step_s if both else None
+    mem_ok = ours.peak_rss_gib <= MEMORY_RATIO_MAX * trl.peak_rss_gib if both else None
+    acc_ok = None if ours is None else (ours.seconds_to_target or math.inf) <= ACCURACY_WITHIN_S
+    n_steps = [None if r is None else float(len(r.step_seconds)) for r in (trl, ours)]
     return [
-        ("median s/step", _fmt(get(trl, "median_step_s"), ".2f"), _fmt(get(ours, "median_step_s"), ".2f"),
-         _fmt(step_ratio, ".3f"), f"<= {STEP_RATIO_MAX:.2f}x" + met(None if step_ratio is None else step_ratio <= STEP_RATIO_MAX)),
-        ("peak RSS GiB (tree, sampled)", _fmt(get(trl, "peak_rss_gib"), ".2f"), _fmt(get(ours, "peak_rss_gib"), ".2f"),
-         _fmt(mem_ratio, ".3f"), f"<= {MEMORY_RATIO_MAX:.2f}x" + met(None if mem_ratio is None else mem_ratio <= MEMORY_RATIO_MAX)),
-        ("peak RSS GiB (run's own)", "-", _fmt(get(ours, "own_peak_rss_gib"), ".2f"), "-", ""),
-        ("accuracy before", _fmt(get(trl, "accuracy_before"), ".2f"), _fmt(get(ours, "accuracy_before"), ".2f"), "-", ""),
-        ("accuracy after", _fmt(get(trl, "accuracy_after"), ".2f"), _fmt(get(ours, "accuracy_after"), ".2f"), "-",
-         f">= {ACCURACY_MIN}"),
-        (f"train s to acc >= {ACCURACY_MIN}", _fmt(within(trl), ".0f"), _fmt(within(ours), ".0f"),
-         _fmt(_ratio(within(ours), within(trl)), ".3f"), f"<= {ACCURACY_WITHIN_S:.0f} s" + met(acc_ok)),
-        ("training s", _fmt(get(trl, "train_seconds"), ".0f"), _fmt(get(ours, "train_seconds"), ".0f"),
-         _fmt(_ratio(get(ours, "train_seconds"), get(trl, "train_seconds")), ".3f"), ""),
-        ("evaluation s (excluded)", _fmt(get(trl, "eval_seconds"), ".0f"), _fmt(get(ours, "eval_seconds"), ".0f"),
-         "-", ""),
-        ("child wall s (all)", _fmt(get(trl, "wall_seconds"), ".0f"), _fmt(get(ours, "wall_seconds"), ".0f"), "-", ""),
-        ("steps", _fmt(None if trl is None else float(len(trl.step_seconds)), ".0f"),
-         _fmt(None if ours is None else float(len(ours.step_seconds)), ".0f"), "-", ""),
+        _row("median s/step", trl, ours, "median_step_s", ".2f", True,
+             _verdict(f"<= {STEP_RATIO_MAX:.2f}x", step_ok)),
+        _row("peak RSS GiB (tree, sampled)", trl, ours, "peak_rss_gib", ".2f", True,
+             _verdict(f"<= {MEMORY_RATIO_MAX:.2f}x", mem_ok)),
+        _row("peak RSS GiB (run's own)", trl, ours, "own_peak_rss_gib", ".2f"),
+        _row("accuracy before", trl, ours, "accuracy_before", ".2f"),
+        _row("accuracy after", trl, ours, "accuracy_after", ".2f", target=f">= {ACCURACY_MIN}"),
+        _row(f"train s to acc >= {ACCURACY_MIN}", trl, ours, "seconds_to_target", ".0f", True,
+             _verdict(f"<= {ACCURACY_WITHIN_S:.0f} s", acc_ok)),
+        _row("training s", trl, ours, "train_seconds", ".0f", True),
+        _row("evaluation s (excluded)", trl, ours, "eval_seconds", ".0f"),
+        _row("child wall s (all)", trl, ours, "wall_seconds", ".0f"),
+        ("steps", _fmt(n_steps[0], ".0f"), _fmt(n_steps[1], ".0f"), "-", ""),
     ]
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Fixed-width columns: the metric left-aligned, values right-aligned."""
     header = ("metric", "TRL", "ours", "ours/TRL", "target")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
@@ -447,7 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     ours = run_ours(out / "ours", opts.steps) if opts.only in (None, "ours") else None
     if ours is not None:
         check_same_data(out / "ours", data_dir)
-    report = format_report(trl, ours, shlex.join([sys.executable, *(sys.argv if argv is None else ["vs_trl.py", *argv])]))
+    command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
+    report = format_report(trl, ours, command)
     print(report, flush=True)
     _write_atomic(out / "report.txt", report + "\n")
     _write_atomic(out / "results.json", json.dumps({r.system: asdict(r) for r in (trl, ours) if r}, indent=2,
