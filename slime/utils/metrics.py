@@ -353,9 +353,9 @@ class Progress:
 
     ``with Progress("rollout 3: generating", total=32, unit="sample") as bar: ... bar.update(4)``
 
-    Whether ``stream`` (default: ``sys.stderr``) is a TTY decides.  Plain mode prints
-    a line at the start, one every ``plain_every_s`` seconds while it runs (so a
-    long CPU phase shows signs of life) and one at the end with the elapsed time.
+    Whether ``stream`` (default: ``sys.stderr``) is a TTY decides.  Plain mode stays
+    quiet for short phases and prints a line every ``plain_every_s`` seconds while a
+    long one runs (a long CPU phase shows signs of life), then one when it ends.
     """
 
     def __init__(self, description: str, total: int | None = None, *, unit: str = "it",
@@ -386,8 +386,6 @@ class Progress:
 
             self._bar = tqdm(total=self.total, desc=self.description, unit=self.unit, file=self._stream,
                              leave=False, dynamic_ncols=True)
-        else:
-            self._print(f"started ({self._count()})" if self.total is not None else "started")
         return self
 
     def update(self, n: int = 1) -> None:
@@ -401,7 +399,6 @@ class Progress:
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
         if self._bar is not None:
             self._bar.close()
-        outcome = "done" if exc_type is None else "failed"
-        # A bar vanishes when closed (leave=False); the summary line stays in both modes.
-        self._print(f"{outcome}, {self._count()} in {self.elapsed_s:.1f} s")
+        elif self.elapsed_s >= self._plain_every_s or exc_type is not None:
+            self._print(f"{'done' if exc_type is None else 'failed'}, {self._count()} in {self.elapsed_s:.1f} s")
 

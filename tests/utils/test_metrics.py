@@ -206,10 +206,16 @@ def test_progress_plain_lines_when_not_a_tty() -> None:
         bar.update(16)
         bar.update(16)
     lines = stream.getvalue().splitlines()
-    assert lines[0] == "rollout 3: generating: started (0/32 sample)"
-    assert lines[1].startswith("rollout 3: generating: 16/32 sample after ")
+    assert lines[0].startswith("rollout 3: generating: 16/32 sample after ")
     assert lines[-1].startswith("rollout 3: generating: done, 32/32 sample in ")
     assert "\r" not in stream.getvalue()  # no bar redraws in a log file
+
+
+def test_progress_is_quiet_for_short_plain_phases() -> None:
+    stream = io.StringIO()
+    with Progress("rollout 3", total=4, stream=stream, plain_every_s=60) as bar:
+        bar.update(4)
+    assert stream.getvalue() == ""
 
 
 def test_progress_reports_a_failed_phase() -> None:

@@ -7,7 +7,8 @@ CPU-only machine we route both to the CPU: the current device becomes
 ``torch.device("cpu")`` and the tracker forks the CPU generator instead.
 
 The unfused softmax's default causal mask, built with ``device="cuda"``, is
-rebuilt on the CPU as well.
+rebuilt on the CPU as well, and activation recomputation saves and restores the
+CPU generator where it would save the CUDA one.
 
 Everything here is applied by :func:`apply_cpu_compat` and only when
 ``torch.cuda.is_available()`` is false; on GPU machines nothing is touched.
@@ -89,6 +90,9 @@ def apply_cpu_compat() -> bool:
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mrandom.initialize_rng_tracker = _keep_cpu_tracker
+    # Activation recomputation saves and restores the "CUDA" generator around each layer.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     # The unfused softmax builds its default causal mask with device="cuda".
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as tutils

@@ -56,7 +56,19 @@ def get_model(args: argparse.Namespace, arch: ModelArch) -> list[nn.Module]:
         from slime_plugins.lora.megatron_lora_hook import apply_lora_to_megatron_model
 
         chunks = apply_lora_to_megatron_model(chunks, args)
+        if getattr(args, "recompute_activations", False):
+            for chunk in chunks:
+                _let_gradients_through_recompute(chunk)
     return chunks
+
+
+def _let_gradients_through_recompute(chunk: nn.Module) -> None:
+    """megatron's (reentrant) activation checkpointing returns outputs that need no gradient
+    when its input needs none, which is the case after a frozen embedding: the adapters in the
+    recomputed layers would then never be trained. Marking the embedding output fixes that."""
+    embedding = getattr(chunk, "embedding", None)
+    if embedding is not None:
+        embedding.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
 
 
 class ModelAndOptimizer(NamedTuple):

@@ -101,7 +101,7 @@ class TrainOptimizer:
         sq = torch.zeros((), dtype=torch.float64)
         for p in self.params:
             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-                sq += p.grad.detach().double().pow(2).sum()
+                sq += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).pow(2)
         if dist.is_initialized() and dist.get_world_size(mp_group) > 1:
             dist.all_reduce(sq, group=mp_group)
         return float(sq.sqrt())
