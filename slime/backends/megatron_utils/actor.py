@@ -26,6 +26,7 @@ from slime.backends.megatron_utils.packing import (
     PackedBatch,
     collate,
     group_by_prompt,
+    logits_only_at,
     plan_micro_batches,
     rope_at_positions,
 )
@@ -66,9 +67,9 @@ class MegatronTrainRayActor:
 
     def _logprobs(self, model: list[nn.Module], mb: PackedBatch, entropy: bool = False):
         """Log-probs and entropies ``[T]`` of the micro-batch's response tokens at the rollout temperature."""
-        with rope_at_positions(model[0], mb.position_ids):
-            logits = model[0](mb.tokens, mb.position_ids, mb.attention_mask)  # [b, S, V/tp]
-        logits = gather_full_vocab(logits[mb.pred_row, mb.pred_col])  # [T, V]
+        with rope_at_positions(model[0], mb.position_ids), logits_only_at(model[0], mb.pred_row, mb.pred_col):
+            logits = model[0](mb.tokens, mb.position_ids, mb.attention_mask)  # [T, 1, V/tp]
+        logits = gather_full_vocab(logits[:, 0])  # [T, V]
         return token_logprobs_and_entropy(logits, mb.targets, self.arch.vocab_size, self.args.rollout_temperature,
                                           with_entropy=entropy)
 

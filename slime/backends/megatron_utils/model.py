@@ -31,6 +31,8 @@ def model_provider(args: argparse.Namespace, arch: ModelArch, *, pre_process: bo
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from slime.backends.megatron_utils.sdpa_attention import SDPADotProductAttention
+
     tp = args.tensor_model_parallel_size
     config = arch.transformer_config(
         tp_size=tp, pp_size=args.pipeline_model_parallel_size, sequence_parallel=getattr(args, "sequence_parallel", False),
@@ -38,6 +40,7 @@ def model_provider(args: argparse.Namespace, arch: ModelArch, *, pre_process: bo
         init_weights=getattr(args, "hf_checkpoint", None) is None,
     )
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     return GPTModel(
         config, spec, vocab_size=arch.padded_vocab_size(tp), max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process, post_process=post_process, parallel_output=True,
