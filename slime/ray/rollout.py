@@ -66,7 +66,8 @@ class RolloutManager:
         self.engine = ray.remote(num_cpus=1, num_gpus=1 if torch.cuda.is_available() else 0)(RolloutEngineActor).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
                                                                  placement_group_bundle_index=bundle_index),
-        ).remote(args.hf_checkpoint, torch.bfloat16 if args.bf16 else torch.float32, threads)
+        ).remote(args.hf_checkpoint, torch.bfloat16 if args.bf16 else torch.float32, threads,
+                 merge_adapters=args.rollout_merge_lora)
         self.engine_pid = get_all([self.engine.pid.remote()])[0]
         self.adapter = POLICY_ADAPTER if args.use_lora else None
 

@@ -54,6 +54,10 @@ class HFRolloutEngine:
 
     ``num_threads`` sets torch's (process-wide) intra-op thread count.
     ``share_prefix=False`` prefills every request separately (for tests/benchmarks).
+    ``merge_adapters=True`` folds the active adapter into the base weights (peft's merge)
+    instead of running it beside them: the same outputs up to fp32 rounding, ~25% faster
+    decoding of a 135M model on a CPU. Switching adapters or loading new tensors into the
+    merged one unmerges first.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class HFRolloutEngine:
         num_threads: int | None = None,
         *,
         share_prefix: bool = True,
+        merge_adapters: bool = False,
     ) -> None:
         if not (Path(hf_checkpoint_dir) / "config.json").is_file():
             raise UserError(f"rollout checkpoint {hf_checkpoint_dir!r} has no config.json: pass an HF checkpoint dir")
@@ -71,6 +76,8 @@ class HFRolloutEngine:
         self.checkpoint_dir = str(hf_checkpoint_dir)
         self.dtype = dtype
         self.share_prefix = share_prefix
+        self.merge_adapters = merge_adapters
+        self._merged: str | None = None
         self.model = AutoModelForCausalLM.from_pretrained(hf_checkpoint_dir, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
@@ -189,6 +196,8 @@ class HFRolloutEngine:
         lora_config = _lora_config(config, source=path or f"adapter {name!r}")
 
         existing = self._adapters.get(name)
+        if self._merged == name:
+            self._unmerge()  # the merged weights hold the old tensors
         if existing is not None and existing.signature == _config_signature(lora_config):
             _copy_adapter_tensors(existing.params, tensors, name)
             return
@@ -205,6 +214,8 @@ class HFRolloutEngine:
         """See :meth:`slime.rollout.engine.RolloutEngine.unload_lora_adapter`."""
         if name not in self._adapters:
             raise UserError(f"unload_lora_adapter({name!r}): no such adapter; loaded: {self.list_adapters()}")
+        if self._merged == name:
+            self._unmerge()
         delete_adapter(self.model, name, prefix="lora_")
         getattr(self.model, "peft_config", {}).pop(name, None)
         del self._adapters[name]
@@ -238,6 +249,13 @@ class HFRolloutEngine:
         """Make ``name`` the only adapter in the forward pass (``None``: plain base model)."""
         if name == self._active:
             return
+        if self._merged is not None:
+            self._unmerge()
+        if self.merge_adapters and name is not None:
+            for layer in self._lora_layers:
+                if name in layer.lora_A:
+                    layer.merge(adapter_names=[name])
+            self._merged = name
         for layer in self._lora_layers:
             if name is not None and name in layer.lora_A:
                 layer.enable_adapters(True)
@@ -245,6 +263,13 @@ class HFRolloutEngine:
             else:
                 layer.enable_adapters(False)
         self._active = name
+
+    def _unmerge(self) -> None:
+        for layer in self._lora_layers:
+            if layer.merged:
+                layer.unmerge()
+        self._merged = None
+        self._active = _STALE
 
     # ---------------------------------------------------------------- base weights
 
@@ -257,6 +282,8 @@ class HFRolloutEngine:
             target = self._base_tensors[key]
             if tuple(value.shape) != tuple(target.shape):
                 raise UserError(f"update_weights: {key} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
+        if self._merged is not None:
+            self._unmerge()
         with torch.no_grad():
             for key, value in state_dict.items():
                 self._base_tensors[key].copy_(value)
@@ -323,7 +350,11 @@ def _sample(
     else:
         filtered = _truncate(scaled, params.top_k, params.top_p)
         probs = logp.exp() if filtered is scaled else torch.softmax(filtered, dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        # Inverse-CDF sampling: one uniform per row. torch.multinomial draws an exponential per
+        # vocabulary entry instead, which was 13% of decoding time at a 49k vocabulary.
+        cdf = probs.cumsum(dim=-1)
+        u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 

@@ -99,6 +99,8 @@ def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--num-rollout", type=int, default=None)
     g.add_argument("--num-epoch", type=int, default=None)
     g.add_argument("--rollout-num-threads", type=int, default=None, help="torch threads of the built-in engine")
+    g.add_argument("--rollout-merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="built-in engine: fold the adapter into the base weights while generating (faster)")
     g.add_argument("--rm-type", type=str, default="math", help="math or exact")
     g.add_argument("--custom-rm-path", type=str, default=None, help="module.path:function or file.py:function")
     g.add_argument("--eval-prompt-data", type=str, nargs="+", default=None, metavar="NAME PATH")
