@@ -29,5 +29,5 @@ def summarize(args: argparse.Namespace, history: list[tuple[int, dict]], wall_se
         adapter = Path(args.save) / ("adapter" if args.use_lora else "model")
         if adapter.exists():
             kind = "adapter" if args.use_lora else "full weights"
-            lines.append(f"{kind}: {adapter.resolve()} ({_dir_bytes(adapter.resolve()) / 2**20:.1f} MiB)")
+            lines.append(f"{kind}: {adapter.absolute()} ({_dir_bytes(adapter.resolve()) / 2**20:.1f} MiB)")
     return lines
