@@ -81,8 +81,13 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _keep_rows_before(path: Path, resume_step: int) -> None:
-    """Rewrite ``path`` with only the rows logged before ``resume_step`` (atomically)."""
-    kept = [row for row in read_metrics(path) if row[STEP_KEY] < resume_step] if path.exists() else []
+    """Rewrite ``path`` with only the rows logged before ``resume_step`` (atomically).
+
+    A fresh run (``resume_step == 0``) keeps nothing, not even an earlier run's pre-training
+    evaluation, which is logged as step -1.
+    """
+    fresh = resume_step == 0 or not path.exists()
+    kept = [] if fresh else [row for row in read_metrics(path) if row[STEP_KEY] < resume_step]
     _write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 

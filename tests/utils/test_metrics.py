@@ -93,7 +93,7 @@ def test_resume_drops_rows_from_the_resume_step_on(tmp_path: Path) -> None:
 
 def test_a_fresh_run_starts_an_empty_file(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path) as logger:
-        _log_steps(logger, range(4))
+        _log_steps(logger, range(-1, 4))  # -1: the evaluation before training
     with MetricsLogger(tmp_path) as logger:
         _log_steps(logger, range(1))
     assert [row["rollout_id"] for row in _rows(tmp_path)] == [0]
