@@ -42,19 +42,11 @@ if __package__ in (None, ""):
 
 from slime.utils.errors import UserError, run_main  # noqa: E402
 
-MEGATRON_TARGETS: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+from slime_plugins.lora.lora_layer import ALL_LINEAR as MEGATRON_TARGETS  # noqa: E402
+from slime_plugins.lora.lora_layer import HF_TO_MEGATRON_TARGETS  # noqa: E402
 
-# HF module names map onto the fused module that contains them.
-TARGET_ALIASES: dict[str, str] = {
-    "q_proj": "linear_qkv",
-    "k_proj": "linear_qkv",
-    "v_proj": "linear_qkv",
-    "o_proj": "linear_proj",
-    "gate_proj": "linear_fc1",
-    "up_proj": "linear_fc1",
-    "down_proj": "linear_fc2",
-    **{name: name for name in MEGATRON_TARGETS},
-}
+# HF module names map onto the fused module that contains them (one table, in lora_layer.py).
+TARGET_ALIASES: dict[str, str] = {**HF_TO_MEGATRON_TARGETS, **{name: name for name in MEGATRON_TARGETS}}
 ALL_LINEAR = "all-linear"
 
 _QWEN3_BASE = {
