@@ -22,7 +22,7 @@ from slime.utils.arguments import parse_args
 from slime.utils.errors import run_main
 from slime.utils.memory import PeakMemoryTracker
 from slime.utils.preflight import check_run
-from slime.utils.metrics import MetricsLogger, format_line
+from slime.utils.metrics import MetricsLogger, Progress, format_line
 from slime.utils.run_summary import summarize
 
 
@@ -54,13 +54,17 @@ def train(args) -> dict:
 
         for rollout_id in range(start_rollout, num_rollout):
             step_start = time.time()
-            data, metrics = rollout_manager.generate(rollout_id)
-            metrics |= actor_model.train(rollout_id, data)
-            if should_save(args, rollout_id, num_rollout):
-                actor_model.save(rollout_id, rollout_manager.state_dict())
-            metrics |= actor_model.update_weights(rollout_manager)
-            if should_eval(args, rollout_id, num_rollout):
-                metrics |= rollout_manager.eval(rollout_id)
+            with Progress(f"rollout {rollout_id}", total=3, unit="phase") as progress:
+                data, metrics = rollout_manager.generate(rollout_id)
+                progress.update()
+                metrics |= actor_model.train(rollout_id, data)
+                progress.update()
+                if should_save(args, rollout_id, num_rollout):
+                    actor_model.save(rollout_id, rollout_manager.state_dict())
+                metrics |= actor_model.update_weights(rollout_manager)
+                if should_eval(args, rollout_id, num_rollout):
+                    metrics |= rollout_manager.eval(rollout_id)
+                progress.update()
             metrics["perf/step_seconds"] = time.time() - step_start
             metrics |= memory.metrics()
             history.append((rollout_id, metrics))
