@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from slime.backends.megatron_utils import hf_convert as hc
 from slime.backends.megatron_utils.arch import ModelArch
 from slime.utils.errors import UserError
-from tests._support.dist import free_port, run_distributed
+from tests._support.dist import run_distributed
 from tests._support.tiny_models import TINY_SHAPES, make_tiny_checkpoint
 
 SEQ, BATCH = 9, 2
@@ -179,20 +179,6 @@ def _round_trip_mismatches(exported: dict, checkpoint: Path) -> list[str]:
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {shape.name: shape.make(root) for shape in TINY_SHAPES}
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    """TP=1 megatron parallel state in this process (torn down only if we set it up)."""
-    from megatron.core import parallel_state
-
-    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
-
-    owned = not parallel_state.model_parallel_is_initialized()
-    init_parallel(0, 1, master_port=free_port())
-    yield
-    if owned:
-        destroy_parallel()
 
 
 @pytest.mark.parametrize("shape", [s.name for s in TINY_SHAPES])

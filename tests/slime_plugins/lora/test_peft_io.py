@@ -27,7 +27,7 @@ from slime_plugins.lora.peft_io import (
     peft_adapter_config,
     save_peft_adapter,
 )
-from tests._support.dist import free_port, run_distributed
+from tests._support.dist import run_distributed
 from tests._support.tiny_models import make_tiny_checkpoint
 
 TOKENS = torch.tensor([[3, 17, 42, 5, 88, 1, 64, 9, 30, 2], [7, 7, 60, 12, 0, 95, 41, 8, 19, 50]])
@@ -93,19 +93,6 @@ def _peft_trained_adapter(base: Path, out: Path, **config) -> Path:
                 param.normal_(0, 0.3)
     model.save_pretrained(out)
     return out
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    from megatron.core import parallel_state
-
-    from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
-
-    owned = not parallel_state.model_parallel_is_initialized()
-    init_parallel(0, 1, master_port=free_port())
-    yield
-    if owned:
-        destroy_parallel()
 
 
 @pytest.fixture(scope="module")
