@@ -54,7 +54,9 @@ def _global_param_counts(chunks: Sequence[nn.Module]) -> tuple[int, int]:
         except (ImportError, AssertionError, AttributeError):
             group = None
         if group is not None and dist.get_world_size(group) > 1:
-            counts = torch.tensor([total, trainable], dtype=torch.float64)
+            # NCCL (GPU runs) reduces CUDA tensors only; gloo reduces CPU ones.
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+            counts = torch.tensor([total, trainable], dtype=torch.float64, device=device)
             dist.all_reduce(counts, group=group)
             total, trainable = (int(c) for c in counts.tolist())
     return total, trainable

@@ -63,8 +63,10 @@ def main() -> None:
     check("lora_A is random (Kaiming-uniform), lora_B is zero",
           all(m.lora_A.abs().sum() > 0 and m.lora_B.abs().sum() == 0 for m in wrapped))
 
-    ids = torch.randint(0, TINY["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(1))
-    pos = torch.arange(16).expand(4, -1)
+    # Inputs live where megatron put the model (the current CUDA device on GPU machines).
+    device = next(model.parameters()).device
+    ids = torch.randint(0, TINY["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    pos = torch.arange(16, device=device).expand(4, -1)
     with torch.no_grad():
         check("at init the LoRA model's logits equal the base model's exactly",
               torch.equal(model(ids, pos, None), plain(ids, pos, None)))

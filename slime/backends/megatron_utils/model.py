@@ -55,6 +55,12 @@ def get_model(args: argparse.Namespace, arch: ModelArch) -> list[nn.Module]:
 
     chunks = [model_provider(args, arch, pre_process=parallel_state.is_pipeline_first_stage(),
                              post_process=parallel_state.is_pipeline_last_stage())]
+    if torch.cuda.is_available():
+        # As megatron's own get_model does: megatron creates its parallel layers on the current
+        # device, but plain torch modules of the local spec (torch.nn.RMSNorm, used when Apex is
+        # absent) are built on the CPU. Moved before LoRA, so the adapters are created on the GPU.
+        device = torch.cuda.current_device()
+        chunks = [chunk.cuda(device) for chunk in chunks]
     if getattr(args, "use_lora", False):
         from slime_plugins.lora.megatron_lora_hook import apply_lora_to_megatron_model
 

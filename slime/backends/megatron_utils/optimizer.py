@@ -98,7 +98,9 @@ class TrainOptimizer:
     def grad_norm(self) -> float:
         """L2 norm of the full model's gradient (not of one shard's)."""
         _, mp_group, tp_rank = _groups()
-        sq = torch.zeros((), dtype=torch.float64)
+        # On the parameters' device: a CUDA grad norm cannot accumulate into a CPU tensor, and
+        # NCCL reduces CUDA tensors only.
+        sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
         for p in self.params:
             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
                 sq += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).pow(2)

@@ -87,8 +87,19 @@ def plan_micro_batches(groups: list[list[int]], data: dict, micro_batch_size: in
     return batches
 
 
-def collate(rows: list[list[int]], data: dict) -> PackedBatch:
-    """Build the packed tensors for rows of sample groups (see the module docstring)."""
+def default_device() -> torch.device:
+    """Where the model's inputs live: the current CUDA device on GPU machines, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collate(rows: list[list[int]], data: dict, device: torch.device | str | None = None) -> PackedBatch:
+    """Build the packed tensors for rows of sample groups (see the module docstring).
+
+    The tensors are built on the CPU and moved once to ``device`` (default: :func:`default_device`,
+    where megatron puts the model), so the batch can be fed to the model and mixed with its outputs.
+    """
     width = max(row_width(g, data) for g in rows)
     b = len(rows)
     tokens = torch.zeros(b, width, dtype=torch.long)
@@ -121,11 +132,17 @@ def collate(rows: list[list[int]], data: dict) -> PackedBatch:
     # Padding positions attend to themselves only: a fully masked row would give NaN, and
     # 0 x NaN would then leak into real positions through the value matmul.
     allowed[:, torch.arange(width), torch.arange(width)] = True
+    device = default_device() if device is None else torch.device(device)
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == device else t.to(device)
+
     return PackedBatch(
-        tokens=tokens, position_ids=positions, attention_mask=~allowed.unsqueeze(1),
-        pred_row=torch.tensor(pred_row, dtype=torch.long), pred_col=torch.tensor(pred_col, dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long), rollout_logp=torch.tensor(rollout_logp, dtype=torch.float32),
-        advantages=torch.tensor(advantages, dtype=torch.float32), sample=torch.tensor(sample, dtype=torch.long),
+        tokens=put(tokens), position_ids=put(positions), attention_mask=put(~allowed.unsqueeze(1)),
+        pred_row=put(torch.tensor(pred_row, dtype=torch.long)), pred_col=put(torch.tensor(pred_col, dtype=torch.long)),
+        targets=put(torch.tensor(targets, dtype=torch.long)),
+        rollout_logp=put(torch.tensor(rollout_logp, dtype=torch.float32)),
+        advantages=put(torch.tensor(advantages, dtype=torch.float32)), sample=put(torch.tensor(sample, dtype=torch.long)),
         index=index,
     )
 
