@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
 	$(PIP) install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+	$(PY) tools/fetch_tcmalloc.py
 	touch $(STAMP)
 
 demo: setup

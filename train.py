@@ -18,6 +18,7 @@ from slime.ray.placement_group import (
     create_training_models,
     num_bundles,
 )
+from slime.utils.allocator import active_allocator
 from slime.utils.arguments import parse_args
 from slime.utils.errors import run_main
 from slime.utils.memory import PeakMemoryTracker
@@ -35,8 +36,10 @@ def train(args) -> dict:
         pgs = create_placement_groups(args)
         rollout_manager = create_rollout_manager(args, pgs)
         actor_model = create_training_models(args, pgs, rollout_manager)
-        for pid in [rollout_manager.engine_pid, *actor_model.pids()]:
+        pids = [rollout_manager.engine_pid, *actor_model.pids()]
+        for pid in pids:
             memory.add_pid(pid)
+        print(f"malloc of engine and trainers: {', '.join(sorted({active_allocator(p) for p in pids}))}", flush=True)
         memory.add_ray_cluster_processes()  # raylet, GCS, workers: the whole run's memory
 
         start_rollout = 0

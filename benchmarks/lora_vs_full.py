@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from slime.utils.allocator import CHOICES, allocator_env  # noqa: E402  (stdlib only)
 
 SMOLLM2_135M: dict = {
     "architectures": ["LlamaForCausalLM"],
@@ -71,6 +73,7 @@ class Result:
     micro_batch: int
     recompute: bool
     malloc_env: dict
+    allocator: str
     step_s: float
     forward_s: float
     backward_s: float
@@ -186,10 +189,10 @@ def run_child(opts: argparse.Namespace) -> Result:
     import torch
 
     torch.set_num_threads(opts.threads)
-    sys.path.insert(0, str(REPO))
     from slime.backends.megatron_utils.arch import ModelArch
     from slime.backends.megatron_utils.model import initialize_model_and_optimizer
     from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
+    from slime.utils.allocator import active_allocator
     from slime.utils.arguments import parse_args
 
     init_parallel(0, 1, master_port=_free_port(), seed=opts.seed)
@@ -219,6 +222,7 @@ def run_child(opts: argparse.Namespace) -> Result:
     result = Result(
         variant=opts.child, micro_batch=opts.micro_batch, recompute=opts.recompute,
         malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        allocator=active_allocator(),
         step_s=median(0), forward_s=median(1), backward_s=median(2), optimizer_s=median(3), cpu_s=median(4),
         step_times=[round(t[0], 4) for t in timed], peak_rss=_peak_rss_bytes(),
         state_bytes=params + grads + states, param_bytes=params, grad_bytes=grads, optim_bytes=states,
@@ -245,6 +249,7 @@ def spawn(opts: argparse.Namespace, variant: str) -> Result:
     micro_batch = (opts.lora_micro_batch if is_lora and opts.lora_micro_batch else opts.micro_batch)
     recompute = opts.recompute in ("both", variant)
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), PYTHONWARNINGS="ignore")
+    env.update(allocator_env(opts.allocator))
     if opts.return_memory in ("both", variant):
         env.update(RETURN_MEMORY_ENV)
     proc = subprocess.run(_child_command(opts, variant, micro_batch, recompute), env=env, cwd=REPO,
@@ -288,6 +293,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
                    help="which variants run with --recompute-activations")
     p.add_argument("--return-memory", choices=["none", "lora", "full", "both"], default="none",
                    help=f"which variants run with glibc tunables {RETURN_MEMORY_ENV}")
+    p.add_argument("--allocator", choices=CHOICES, default="auto",
+                   help="malloc of both children (train.py's --allocator): auto = tcmalloc when installed")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r (alpha = 2r)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
@@ -321,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target {key}: lora/full = {ratio:.3f} (<= {limit}: {'met' if ratio <= limit else 'MISSED'})")
     print(f"step times (s): full {full.step_times}  lora {lora.step_times}")
     print(f"trainable params: full {full.trainable_params:,}  lora {lora.trainable_params:,}")
+    print(f"malloc: full {full.allocator}  lora {lora.allocator}")
     print(f"micro-batch: full {full.micro_batch}  lora {lora.micro_batch}; recompute: full {full.recompute}  "
           f"lora {lora.recompute}; malloc env: full {full.malloc_env or '-'}  lora {lora.malloc_env or '-'}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")

@@ -20,6 +20,7 @@ from slime.backends.megatron_utils.actor import MegatronTrainRayActor
 from slime.ray.actor_group import RayActorGroup, get_all
 from slime.ray.cluster import create_placement_group
 from slime.ray.rollout import RolloutManager
+from slime.utils.allocator import allocator_env
 
 
 @dataclass
@@ -52,7 +53,8 @@ class TrainGroup:
         threads = max(1, (os.cpu_count() or 1) // args.world_size)
         self.group = RayActorGroup(MegatronTrainRayActor, args.world_size, pgs.group, use_gpu=torch.cuda.is_available(),
                                    first_bundle=pgs.actor_bundles.start,
-                                   env_vars={"SLIME_TRAIN_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)})
+                                   env_vars={"SLIME_TRAIN_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+                                             **allocator_env(args.allocator)})
 
     def async_init(self, args: argparse.Namespace, role: str = "actor") -> list[ray.ObjectRef]:
         return self.group.async_call("init", args, role)

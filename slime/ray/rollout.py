@@ -25,6 +25,7 @@ from slime.rollout.data import PromptDataset, Sample
 from slime.rollout.engine import SamplingParams
 from slime.rollout.hf_engine import HFRolloutEngine
 from slime.rollout.rm import batch_rewards, load_reward_fn
+from slime.utils.allocator import allocator_env
 
 POLICY_ADAPTER = "policy"
 
@@ -66,6 +67,7 @@ class RolloutManager:
         self.engine = ray.remote(num_cpus=1, num_gpus=1 if torch.cuda.is_available() else 0)(RolloutEngineActor).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
                                                                  placement_group_bundle_index=bundle_index),
+            runtime_env={"env_vars": allocator_env(args.allocator)},
         ).remote(args.hf_checkpoint, torch.bfloat16 if args.bf16 else torch.float32, threads,
                  merge_adapters=args.rollout_merge_lora)
         self.engine_pid = get_all([self.engine.pid.remote()])[0]

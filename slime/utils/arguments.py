@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 
+from slime.utils import allocator
 from slime.utils.errors import EXIT_USER_ERROR, UserError
 
 DEFAULT_LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
@@ -32,6 +33,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--allocator", choices=allocator.CHOICES, default="auto",
+                   help="malloc of the training and rollout processes: tcmalloc (bounded memory, warm pages; "
+                        "installed by make setup), system (glibc), auto = tcmalloc when present")
     return parser
 
 
@@ -201,6 +205,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     if args.actor_num_gpus_per_node is not None and dp_world % model_parallel:
         errors.append(f"--actor-num-nodes x --actor-num-gpus-per-node ({dp_world}) must be a multiple of TP x PP "
                       f"({model_parallel})")
+    if args.allocator == "tcmalloc" and allocator.find_tcmalloc() is None:
+        errors.append(f"--allocator tcmalloc: {allocator.LIBRARY} not found; run `make setup` (or apt-get install "
+                      "libtcmalloc-minimal4), or use --allocator auto")
     return errors + validate_lora_args(args)
 
 

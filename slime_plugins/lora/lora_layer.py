@@ -168,8 +168,8 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}"
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``s * B A dropout(x)`` with the TP communication of the base layer's kind."""
+    def lora_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``A dropout(x)`` [..., r], after the TP communication of the base layer's kind."""
         fork = contextlib.nullcontext()
         if self.kind == "row" and self.training and isinstance(self.lora_dropout, nn.Dropout):
             from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -178,7 +178,27 @@ class LoRALinear(nn.Module):
             fork = get_cuda_rng_tracker().fork()
         with fork:
             h = F.linear(self.lora_dropout(x), self.lora_A)
-        h = self._communicate(h)
+        return self._communicate(h)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * B A dropout(x)`` [..., out_local]."""
+        return self.delta_from_hidden(self.lora_hidden(x))
+
+    def add_delta(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``result + s * B A dropout(x)``.
+
+        The scale and the sum ride on the B product (one ``addmm``: ``result + s * h @ B^T``):
+        on the CPU separate scale and add passes over the [tokens, out] output cost as much as
+        the two thin LoRA matmuls.
+        """
+        h = self.lora_hidden(x)
+        if result.dtype != self.lora_B.dtype or not result.is_contiguous():
+            return result + self.delta_from_hidden(h).to(result.dtype)
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(),
+                           alpha=self.scaling)
+        return flat.view(result.shape)
+
+    def delta_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.lora_B) * self.scaling
 
     def _communicate(self, h: torch.Tensor) -> torch.Tensor:
@@ -201,8 +221,8 @@ class LoRALinear(nn.Module):
             return out
         if isinstance(out, tuple):
             result, bias = out
-            return result + self.delta(x).to(result.dtype), bias
-        return out + self.delta(x).to(out.dtype)
+            return self.add_delta(result, x), bias
+        return self.add_delta(out, x)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -175,8 +175,11 @@ class MegatronTrainRayActor:
         return old
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel ranks (NCCL reduces only CUDA tensors: the sum goes via the GPU)."""
         if dist.is_initialized() and self.dp_size > 1:
-            dist.all_reduce(t, group=self.dp_group)
+            on_device = t.cuda() if dist.get_backend(self.dp_group) == "nccl" else t
+            dist.all_reduce(on_device, group=self.dp_group)
+            return on_device.cpu()
         return t
 
     def _check_gap(self, rollout_id: int, gap: float) -> None:

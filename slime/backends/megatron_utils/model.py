@@ -15,6 +15,7 @@ import argparse
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slime.backends.megatron_utils.arch import ModelArch
@@ -32,6 +33,7 @@ def model_provider(args: argparse.Namespace, arch: ModelArch, *, pre_process: bo
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from slime.backends.megatron_utils.sdpa_attention import SDPADotProductAttention
+    from slime.backends.megatron_utils.swiglu import SwiGLU
 
     tp = args.tensor_model_parallel_size
     config = arch.transformer_config(
@@ -41,6 +43,11 @@ def model_provider(args: argparse.Namespace, arch: ModelArch, *, pre_process: bo
     )
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    if config.gated_linear_unit and config.activation_func is F.silu:
+        # megatron's hook for a module-valued activation (named after TE, but any module works):
+        # the module gets the whole [.., 2F] fc1 output and keeps 1 tensor for backward, not 4.
+        config.use_te_activation_func = True
+        spec.submodules.mlp.submodules.activation_func = SwiGLU
     return GPTModel(
         config, spec, vocab_size=arch.padded_vocab_size(tp), max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process, post_process=post_process, parallel_output=True,

@@ -25,6 +25,10 @@ class SDPADotProductAttention(DotProductAttention):
             raise NotImplementedError("SDPADotProductAttention supports neither packed_seq_params nor attention_bias")
         if self.config.window_size is not None or self.softmax_offset is not None:
             raise NotImplementedError("SDPADotProductAttention supports neither sliding windows nor softmax offsets")
+        if torch.is_grad_enabled() and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+            # value is a view into the fused qkv projection's output; saved as is, it would keep
+            # that whole buffer alive until backward (q and k are fresh tensors after RoPE).
+            value = value.clone(memory_format=torch.contiguous_format)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         causal = attention_mask is None and q.shape[2] == k.shape[2]
