@@ -69,6 +69,9 @@ OURS_EVAL_INTERVAL = 7
 # Targets for ours relative to TRL, and the absolute accuracy target.
 STEP_RATIO_MAX = 0.50
 MEMORY_RATIO_MAX = 0.40
+# The issue's TRL reference (field notes): 11.0 GiB peak RSS, so the absolute memory target is 4.4 GiB.
+# TRL 1.16 here checkpoints gradients by default, which lowers its own peak below that reference.
+REFERENCE_TRL_PEAK_GIB = 11.0
 ACCURACY_MIN = 0.69
 ACCURACY_WITHIN_S = 390.0
 
@@ -88,6 +91,7 @@ class RunResult:
     seconds_to_target: float | None = None  # training seconds until accuracy >= ACCURACY_MIN
     peak_rss_gib: float = 0.0  # sampled by the parent over the child's process tree
     own_peak_rss_gib: float | None = None  # what the run itself reported (ours only)
+    own_peak_pss_gib: float | None = None  # its PSS sum: shared library pages split, not repeated
     train_reward: list[float] = field(default_factory=list)  # mean reward of each step's samples
     eval_seconds: float = 0.0  # the greedy evaluations, excluded from step and training seconds
     wall_seconds: float = 0.0  # the whole child, model loading and evaluations included
@@ -304,9 +308,10 @@ def ours_from_metrics(rows: list[dict]) -> RunResult:
         if to_target is None and (row.get("eval/arith/reward_mean") or 0.0) >= ACCURACY_MIN:
             to_target = elapsed
     own_peak = max((r["mem/peak_rss_gib"] for r in steps if r.get("mem/peak_rss_gib") is not None), default=None)
+    own_pss = max((r["mem/peak_pss_gib"] for r in steps if r.get("mem/peak_pss_gib") is not None), default=None)
     return RunResult(system="ours", step_seconds=step_seconds, accuracy_before=before[0]["eval/arith/reward_mean"],
                      accuracy_after=steps[-1]["eval/arith/reward_mean"], train_seconds=elapsed,
-                     seconds_to_target=to_target, own_peak_rss_gib=own_peak,
+                     seconds_to_target=to_target, own_peak_rss_gib=own_peak, own_peak_pss_gib=own_pss,
                      train_reward=[r["rollout/reward_mean"] for r in steps],
                      eval_seconds=sum(r.get("perf/eval_arith_seconds") or 0.0 for r in [*before, *steps]))
 
@@ -356,7 +361,11 @@ def report_rows(trl: RunResult | None, ours: RunResult | None) -> list[tuple[str
              _verdict(f"<= {STEP_RATIO_MAX:.2f}x", step_ok)),
         _row("peak RSS GiB (tree, sampled)", trl, ours, "peak_rss_gib", ".2f", True,
              _verdict(f"<= {MEMORY_RATIO_MAX:.2f}x", mem_ok)),
-        _row("peak RSS GiB (run's own)", trl, ours, "own_peak_rss_gib", ".2f"),
+        _row("peak RSS GiB (run's own)", trl, ours, "own_peak_rss_gib", ".2f", target=_verdict(
+            f"<= {MEMORY_RATIO_MAX * REFERENCE_TRL_PEAK_GIB:.1f} GiB (issue)",
+            None if ours is None or ours.own_peak_rss_gib is None
+            else ours.own_peak_rss_gib <= MEMORY_RATIO_MAX * REFERENCE_TRL_PEAK_GIB)),
+        _row("peak PSS GiB (run's own)", trl, ours, "own_peak_pss_gib", ".2f"),
         _row("accuracy before", trl, ours, "accuracy_before", ".2f"),
         _row("accuracy after", trl, ours, "accuracy_after", ".2f", target=f">= {ACCURACY_MIN}"),
         _row(f"train s to acc >= {ACCURACY_MIN}", trl, ours, "seconds_to_target", ".0f", True,

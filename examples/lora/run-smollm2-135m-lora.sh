@@ -39,7 +39,7 @@ TRAIN_ARGS=(
    --advantage-estimator grpo
    --lr "${LR:-1e-4}"
    --clip-grad 1.0
-   --max-tokens-per-micro-batch 512
+   --max-tokens-per-micro-batch 256
    --seed 1234
 )
 exec "$PY" train.py "${MODEL_ARGS[@]}" "${LORA_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${EVAL_ARGS[@]}" "${TRAIN_ARGS[@]}" \

@@ -22,9 +22,12 @@ def summarize(args: argparse.Namespace, history: list[tuple[int, dict]], wall_se
     if train_seconds:
         ordered = sorted(train_seconds)
         lines.append(f"seconds per rollout step: median {ordered[len(ordered) // 2]:.1f} over {len(ordered)} steps")
-    peak = memory_summary.get("peak_rss_bytes")
+    peak, peak_pss = memory_summary.get("peak_rss_bytes"), memory_summary.get("peak_pss_bytes")
     if peak:
-        lines.append(f"peak memory of all processes (RSS sum, sampled): {peak / 2**30:.2f} GiB")
+        # PSS splits shared library pages between the processes mapping them (the run's real
+        # footprint); the RSS sum counts them once per process (an upper bound).
+        pss = f"PSS sum {peak_pss / 2**30:.2f} GiB, " if peak_pss else ""
+        lines.append(f"peak memory of all processes (sampled): {pss}RSS sum {peak / 2**30:.2f} GiB")
     if args.save:
         adapter = Path(args.save) / ("adapter" if args.use_lora else "model")
         if adapter.exists():
