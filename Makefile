@@ -9,7 +9,7 @@ setup: $(STAMP)
 
 # torch first, alone (the CPU wheel on CPU machines), then everything else with a
 # constraint that keeps that torch. A second `make setup` is a no-op.
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt Makefile tools/fetch_tcmalloc.py
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
 	$(PIP) install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'

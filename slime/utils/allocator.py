@@ -5,15 +5,15 @@ step badly: it raises its mmap threshold after the first large free, so activati
 heap, freed holes there are not reused across micro-batches and the resident set keeps growing;
 forcing mmap instead returns memory but page-faults every buffer back in (2x slower steps here).
 tcmalloc keeps size-class free lists per thread and reuses them, so memory stays bounded *and*
-warm. Measured on this machine kind (``benchmarks/lora_vs_full.py``, SmolLM2-135M shape, LoRA
-r=16, 8 x 256 tokens):
+warm. Measured on this machine kind, SmolLM2-135M shape, 8 x 256 tokens, micro-batch 1
+(``python benchmarks/lora_vs_full.py [--allocator system]``, 2026-11-28; glibc: two runs):
 
-============  ==============  ============
-allocator      peak RSS        s / step
-============  ==============  ============
-glibc          2.00 GiB        12-15
-tcmalloc       1.40 GiB        9.1
-============  ==============  ============
+============  ======================  ======================
+allocator      LoRA r=16: RSS, s/step   full: RSS, s/step
+============  ======================  ======================
+glibc          1.79-1.82 GiB, 8.4-8.5   3.38 GiB, 10.5-12.0
+tcmalloc       1.30 GiB, 6.8            3.00 GiB, 8.9
+============  ======================  ======================
 
 PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``) preloads tcmalloc/jemalloc for the
 same reason. A library chosen at run time can only take effect in a process that starts with
