@@ -180,10 +180,6 @@ class LoRALinear(nn.Module):
             h = F.linear(self.lora_dropout(x), self.lora_A)
         return self._communicate(h)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``s * B A dropout(x)`` [..., out_local]."""
-        return self.delta_from_hidden(self.lora_hidden(x))
-
     def add_delta(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``result + s * B A dropout(x)``.
 
@@ -193,13 +189,10 @@ class LoRALinear(nn.Module):
         """
         h = self.lora_hidden(x)
         if result.dtype != self.lora_B.dtype or not result.is_contiguous():
-            return result + self.delta_from_hidden(h).to(result.dtype)
+            return result + (F.linear(h, self.lora_B) * self.scaling).to(result.dtype)
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(),
                            alpha=self.scaling)
         return flat.view(result.shape)
-
-    def delta_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.lora_B) * self.scaling
 
     def _communicate(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "plain":

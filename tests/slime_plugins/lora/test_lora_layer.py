@@ -191,3 +191,17 @@ def test_base_state_dict_loads_unchanged_and_names_stay():
     other.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(2, 16)
     assert torch.equal(other(x), model(x))
+
+
+def test_fused_addmm_path_equals_separate_scale_and_add():
+    """add_delta's addmm path (contiguous output) and its fallback (any other output) agree."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 10, bias=False), r=4, lora_alpha=8.0)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 12)
+    base = layer.base_layer(x)
+    expected = base + torch.nn.functional.linear(x, layer.lora_B @ layer.lora_A) * layer.scaling
+    fused = layer.add_delta(base.clone(), x)
+    fallback = layer.add_delta(base.transpose(0, 1).clone().transpose(0, 1), x)  # non-contiguous
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fallback, expected, rtol=1e-5, atol=1e-6)
