@@ -106,6 +106,9 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         self.kind = _parallel_kind(base_layer)
+        # Only these classes are known not to save their output for backward (a subclass might).
+        self._output_writable = type(base_layer).__name__ in ("Linear", "ColumnParallelLinear", "RowParallelLinear") and \
+            type(base_layer).__module__ in ("torch.nn.modules.linear", "megatron.core.tensor_parallel.layers")
         if self.kind == "unsupported":
             raise ValueError(f"LoRA target {name or base_layer!r}: unsupported layer type {type(base_layer).__name__}")
         if self.kind == "column" and getattr(base_layer, "gather_output", False):
@@ -181,18 +184,21 @@ class LoRALinear(nn.Module):
         return self._communicate(h)
 
     def add_delta(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``result + s * B A dropout(x)``.
+        """``result + s * B A dropout(x)``, accumulated into ``result`` when that is safe.
 
-        The scale and the sum ride on the B product (one ``addmm``: ``result + s * h @ B^T``):
-        on the CPU separate scale and add passes over the [tokens, out] output cost as much as
-        the two thin LoRA matmuls.
+        On the CPU a separate scale or sum pass over the ``[tokens, out]`` output costs as much as
+        the two thin LoRA matmuls, so the scale and the sum ride on the B product (``addmm_``).
+        ``result`` is written in place only when it is the fresh output of ``nn.Linear`` or a
+        megatron parallel linear, which save only their input (autograd's version counter would
+        raise otherwise).  Autograd forbids writing into a view a custom Function returned
+        (megatron's TP=1 reductions return their input), so views and other base classes get a
+        new tensor from the same ``addmm``; dtype/layout mismatches take the plain path.
         """
         h = self.lora_hidden(x)
         if result.dtype != self.lora_B.dtype or not result.is_contiguous():
             return result + (F.linear(h, self.lora_B) * self.scaling).to(result.dtype)
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(),
-                           alpha=self.scaling)
-        return flat.view(result.shape)
+        inplace = self._output_writable and not result._is_view()
+        return _AddScaledUpProjection.apply(result, h, self.lora_B, self.scaling, inplace)
 
     def _communicate(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "plain":
@@ -230,6 +236,38 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base_layer.weight.sub_((self.lora_B @ self.lora_A).to(self.base_layer.weight.dtype), alpha=self.scaling)
             self.merged = False
+
+
+class _AddScaledUpProjection(torch.autograd.Function):
+    """``out + s * h @ B^T``, written into ``out`` when ``inplace``; ``out [..., o]``, ``h [..., r]``, ``B [o, r]``.
+
+    Backward with ``g = dL/d out`` flattened to ``[N, o]``:
+    ``dL/dh = s * g @ B`` ``[N, r]`` and ``dL/dB = s * (h^T @ g)^T`` ``[o, r]``; ``out`` passes
+    ``g`` through.  ``h^T @ g`` streams ``g`` along its rows, about twice as fast on CPU BLAS as
+    ``g^T @ h`` when ``N >> r``; the scale lands on the small ``[N, r]`` / ``[r, o]`` products.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: float, inplace: bool) -> torch.Tensor:
+        ctx.save_for_backward(h, B)
+        ctx.scaling = scaling
+        flat_out, flat_h = out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
+        if not inplace:  # a fresh tensor, not a view of one (callers may write into it)
+            new = torch.empty_like(out, memory_format=torch.contiguous_format)
+            torch.addmm(flat_out, flat_h, B.t(), alpha=scaling, out=new.view(-1, out.shape[-1]))
+            return new
+        flat_out.addmm_(flat_h, B.t(), alpha=scaling)
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        h, B = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        h2 = h.reshape(-1, h.shape[-1])
+        grad_h = torch.mm(g2, B).mul_(ctx.scaling).view(h.shape) if ctx.needs_input_grad[1] else None
+        grad_B = torch.mm(h2.t(), g2).mul_(ctx.scaling).t() if ctx.needs_input_grad[2] else None
+        return g, grad_h, grad_B, None, None
 
 
 def _save_base_under_own_names(module, state_dict, prefix, local_metadata) -> None:

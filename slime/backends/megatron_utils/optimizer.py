@@ -1,7 +1,7 @@
 """AdamW over the trainable parameters, with megatron's parallel bookkeeping.
 
 megatron-core's own optimizer hard-codes CUDA tensors, so on every machine we use
-``torch.optim.AdamW`` over exactly the parameters with ``requires_grad`` (with LoRA: the
+``torch.optim.AdamW`` (its fused kernel where it applies) over exactly the parameters with ``requires_grad`` (with LoRA: the
 adapters, so no optimizer state exists for a frozen weight) and do the three parallel steps
 megatron's optimizer does around it:
 
@@ -54,6 +54,13 @@ def _groups():
     )
 
 
+def _fused_adamw_applies(params: list[nn.Parameter]) -> bool:
+    """torch's fused AdamW (one kernel per tensor instead of about ten elementwise passes; 3x
+    faster on a 135M-parameter model on the CPU) takes floating tensors on one CPU or CUDA device."""
+    devices = {p.device for p in params}
+    return len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+
+
 class TrainOptimizer:
     """One optimizer step = DP grad average, global grad norm, clip, AdamW, LR schedule."""
 
@@ -65,7 +72,8 @@ class TrainOptimizer:
         self.schedule = schedule
         self.clip_grad = clip_grad
         self.step_count = 0
-        self.optimizer = torch.optim.AdamW(self.params, lr=schedule(0), betas=betas, eps=eps, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=schedule(0), betas=betas, eps=eps, weight_decay=weight_decay,
+                                           fused=_fused_adamw_applies(self.params))
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -103,7 +111,9 @@ class TrainOptimizer:
         sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
         for p in self.params:
             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-                sq += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).pow(2)
+                # fp32 norm per tensor (an fp64 norm would first copy the whole gradient to fp64),
+                # summed in fp64 over tensors
+                sq += torch.linalg.vector_norm(p.grad.detach()).double().pow(2)
         if dist.is_initialized() and dist.get_world_size(mp_group) > 1:
             dist.all_reduce(sq, group=mp_group)
         return float(sq.sqrt())

@@ -193,6 +193,79 @@ def test_base_state_dict_loads_unchanged_and_names_stay():
     assert torch.equal(other(x), model(x))
 
 
+def _three_outputs(layer, x):
+    """The base output as add_delta may receive it: fresh (written in place), a view of a
+    custom Function's output (new tensor from the same addmm), non-contiguous (plain path)."""
+
+    class Passthrough(torch.autograd.Function):  # what megatron's TP=1 reductions do
+        @staticmethod
+        def forward(ctx, t):
+            return t
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    return {
+        "in place": layer.base_layer(x),
+        "view": Passthrough.apply(layer.base_layer(x)),
+        "non-contiguous": layer.base_layer(x.transpose(0, 1)).transpose(0, 1),
+    }
+
+
+def test_every_add_delta_path_matches_the_formula_in_values_and_grads():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 10, bias=False), r=4, lora_alpha=8.0)
+    nn.init.normal_(layer.lora_B)
+    x0 = torch.randn(3, 5, 12)
+    weight = torch.randn(3, 5, 10)
+
+    x = x0.clone().requires_grad_()
+    expected = layer.base_layer(x) + torch.nn.functional.linear(x, layer.lora_B @ layer.lora_A) * layer.scaling
+    want = torch.autograd.grad((expected * weight).sum(), [x, layer.lora_A, layer.lora_B])
+    for path, _ in _three_outputs(layer, x0).items():
+        x = x0.clone().requires_grad_()
+        base = _three_outputs(layer, x)[path]
+        out = layer.add_delta(base, x)
+        assert (out.data_ptr() == base.data_ptr()) == (path == "in place"), path
+        got = torch.autograd.grad((out * weight).sum(), [x, layer.lora_A, layer.lora_B])
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=path)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=path)
+
+
+def test_scaled_up_projection_gradcheck():
+    from slime_plugins.lora.lora_layer import _AddScaledUpProjection
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    for inplace in (True, False):
+        def f(out, h, B):
+            return _AddScaledUpProjection.apply(out.clone(), h, B, 1.7, inplace)
+
+        out = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(f, (out, h, B))
+
+
+def test_a_base_subclass_that_saves_its_output_is_not_written_in_place():
+    """Only nn.Linear and megatron's parallel linears are known to leave their output unsaved."""
+
+    class SavesOutput(nn.Linear):
+        def forward(self, x):
+            return torch.tanh(super().forward(x))  # tanh saves its output for backward
+
+    torch.manual_seed(0)
+    layer = LoRALinear(SavesOutput(6, 5), r=2, lora_alpha=2.0)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 6, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    expected = layer.base_layer(x) + x @ (layer.lora_B @ layer.lora_A).t() * layer.scaling
+    want = torch.autograd.grad(expected.pow(2).sum(), x)[0]
+    torch.testing.assert_close(x.grad, want)
+    assert LoRALinear(nn.Linear(6, 5), r=2, lora_alpha=2.0)._output_writable and not layer._output_writable
+
+
 def test_fused_addmm_path_equals_separate_scale_and_add():
     """add_delta's addmm path (contiguous output) and its fallback (any other output) agree."""
     torch.manual_seed(0)
