@@ -17,9 +17,11 @@
 #      LoRA layer units), -x
 #   4. informational pytest run (not -x, failures expected): tests that feed CPU tensors to the
 #      CUDA model (test-only assumption), to show that is the only reason they fail
-# Last run: one NVIDIA H200 (torch 2.11.0+cu130, megatron-core 0.16.1 from wheels), 181 s wall:
-#   part 1 all 12 checks ok; part 2 all 22 checks ok (HF logits diff <= 1.3e-6, resume bitwise);
-#   part 3 73 passed, 10 deselected; part 4 3 failed, all on CPU token ids fed to the CUDA model.
+# Last run (2026-11-28, commit "LoRA up-projection as one autograd Function ... fused AdamW"): one NVIDIA
+#   H200 (torch 2.11.0+cu130, megatron-core 0.16.1 from wheels), PARTS=123, 94 s wall: part 1 all 12
+#   checks ok; part 2 all 22 checks ok (HF logits diff <= 1.3e-6, peft parity 1.3e-6, resume bitwise,
+#   bf16 steps); part 3 77 passed, 10 deselected. (The run before, with part 4: 3 tests failed there,
+#   all on CPU token ids fed to the CUDA model.)
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
