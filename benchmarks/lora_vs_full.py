@@ -2,7 +2,7 @@
 
 Each variant trains in a fresh child process (so peak RSS and allocator state are its own):
 
-* ``full``: every parameter trainable, AdamW over all of them;
+* ``full``: every parameter trainable, AdamW (torch's fused kernel, as the trainer uses) over all of them;
 * ``lora``: ``--use-lora`` with rank ``r`` on ``linear_qkv linear_proj linear_fc1 linear_fc2``.
 
 Model: SmolLM2-135M's shape (Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, head_dim 64,
@@ -74,6 +74,7 @@ class Result:
     recompute: bool
     malloc_env: dict
     allocator: str
+    optimizer: str
     step_s: float
     forward_s: float
     backward_s: float
@@ -223,6 +224,7 @@ def run_child(opts: argparse.Namespace) -> Result:
         variant=opts.child, micro_batch=opts.micro_batch, recompute=opts.recompute,
         malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         allocator=active_allocator(),
+        optimizer="fused AdamW" if optimizer.optimizer.defaults.get("fused") else "AdamW (per-tensor loop)",
         step_s=median(0), forward_s=median(1), backward_s=median(2), optimizer_s=median(3), cpu_s=median(4),
         step_times=[round(t[0], 4) for t in timed], peak_rss=_peak_rss_bytes(),
         state_bytes=params + grads + states, param_bytes=params, grad_bytes=grads, optim_bytes=states,
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target {key}: lora/full = {ratio:.3f} (<= {limit}: {'met' if ratio <= limit else 'MISSED'})")
     print(f"step times (s): full {full.step_times}  lora {lora.step_times}")
     print(f"trainable params: full {full.trainable_params:,}  lora {lora.trainable_params:,}")
-    print(f"malloc: full {full.allocator}  lora {lora.allocator}")
+    print(f"malloc: full {full.allocator}  lora {lora.allocator}; optimizer: full {full.optimizer}  lora {lora.optimizer}")
     print(f"micro-batch: full {full.micro_batch}  lora {lora.micro_batch}; recompute: full {full.recompute}  "
           f"lora {lora.recompute}; malloc env: full {full.malloc_env or '-'}  lora {lora.malloc_env or '-'}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
