@@ -10,6 +10,13 @@ The unfused softmax's default causal mask, built with ``device="cuda"``, is
 rebuilt on the CPU as well, and activation recomputation saves and restores the
 CPU generator where it would save the CUDA one.
 
+megatron-core wraps its fused elementwise kernels (bias + GeLU/SwiGLU, ...) in
+``torch.compile`` when it is imported, which loads TorchDynamo and Inductor into
+the process: +74 MiB resident and ~1.2 s per trainer process on the CPU, for
+kernels the CPU layer spec never calls.  Without CUDA, megatron is imported with
+its own no-op decorator in place of ``torch.compile`` (what its
+``disable_jit_fuser`` selects, which cannot run before megatron's own import).
+
 Everything here is applied by :func:`apply_cpu_compat` and only when
 ``torch.cuda.is_available()`` is false; on GPU machines nothing is touched.
 """
@@ -17,6 +24,7 @@ Everything here is applied by :func:`apply_cpu_compat` and only when
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
@@ -80,6 +88,7 @@ def apply_cpu_compat() -> bool:
         return False
     if _APPLIED:
         return True
+    _import_megatron_without_compiled_fusions()
     from megatron.core.tensor_parallel import random as mrandom
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
@@ -101,6 +110,23 @@ def apply_cpu_compat() -> bool:
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
     _APPLIED = True
     return True
+
+
+def _import_megatron_without_compiled_fusions() -> None:
+    if "megatron.core" in sys.modules:
+        return
+    compile_ = torch.compile
+
+    def no_compile(model=None, **kwargs):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = no_compile  # type: ignore[assignment]
+    try:
+        import megatron.core  # noqa: F401
+        from megatron.core import jit
+    finally:
+        torch.compile = compile_  # type: ignore[assignment]
+    jit.disable_jit_fuser()  # modules imported later decorate with megatron's no-op too
 
 
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
