@@ -64,6 +64,18 @@ def _parallel_kind(layer: nn.Module) -> str:
     return "unsupported"
 
 
+def _output_is_never_saved(layer: nn.Module) -> bool:
+    """True for exactly ``nn.Linear`` and megatron's two parallel linears, whose autograd saves
+    their input only, so their output may be written in place (a subclass might save it)."""
+    if type(layer) is nn.Linear:
+        return True
+    try:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    except ImportError:
+        return False
+    return type(layer) in (ColumnParallelLinear, RowParallelLinear)
+
+
 def _global_shape(layer: nn.Module, kind: str) -> tuple[int, int]:
     """(out_features, in_features) of the whole, unsharded layer."""
     if kind == "plain":
@@ -106,9 +118,7 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         self.kind = _parallel_kind(base_layer)
-        # Only these classes are known not to save their output for backward (a subclass might).
-        self._output_writable = type(base_layer).__name__ in ("Linear", "ColumnParallelLinear", "RowParallelLinear") and \
-            type(base_layer).__module__ in ("torch.nn.modules.linear", "megatron.core.tensor_parallel.layers")
+        self._output_writable = _output_is_never_saved(base_layer)
         if self.kind == "unsupported":
             raise ValueError(f"LoRA target {name or base_layer!r}: unsupported layer type {type(base_layer).__name__}")
         if self.kind == "column" and getattr(base_layer, "gather_output", False):

@@ -1,9 +1,9 @@
 """AdamW over the trainable parameters, with megatron's parallel bookkeeping.
 
 megatron-core's own optimizer hard-codes CUDA tensors, so on every machine we use
-``torch.optim.AdamW`` (its fused kernel where it applies) over exactly the parameters with ``requires_grad`` (with LoRA: the
-adapters, so no optimizer state exists for a frozen weight) and do the three parallel steps
-megatron's optimizer does around it:
+``torch.optim.AdamW`` (its fused kernel where it applies) over exactly the parameters with
+``requires_grad`` (with LoRA: the adapters, so no optimizer state exists for a frozen weight)
+and do the three parallel steps megatron's optimizer does around it:
 
 1. gradients are averaged over the data-parallel group (one flat all-reduce);
 2. the global gradient norm counts TP-split tensors on every rank and replicated ones once,

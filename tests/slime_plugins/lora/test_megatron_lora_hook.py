@@ -77,14 +77,21 @@ def _inspect(rank, flags):
         opt.step()
     changed = [n for n, p in model.named_parameters() if "lora_" not in n and not torch.equal(p, before[n])]
     state_for_frozen = [p for p in opt.optimizer.state if id(p) not in lora]
+    from slime_plugins.lora.lora_layer import LoRALinear
+
+    writable = {m.base_layer.__class__.__name__: m._output_writable for m in model.modules() if isinstance(m, LoRALinear)}
     return dict(lora=len(lora), in_opt=len(in_opt), same=lora == in_opt, frozen_grads=frozen_grads,
-                changed=changed, state_for_frozen=len(state_for_frozen))
+                changed=changed, state_for_frozen=len(state_for_frozen), writable=writable,
+                fused_adamw=opt.optimizer.defaults["fused"])
 
 
 def test_optimizer_holds_exactly_the_lora_parameters_and_base_is_untouched():
     (result,) = run_distributed(_inspect, 1, args=(["--use-lora", "--lora-r", "4", "--lr", "1e-2"],))
     assert result["same"] and result["lora"] == 2 * 4 * 2  # A and B x 4 targets x 2 layers
     assert result["frozen_grads"] == [] and result["changed"] == [] and result["state_for_frozen"] == 0
+    # megatron's parallel linears get the adapter update written into their output
+    assert result["writable"] == {"ColumnParallelLinear": True, "RowParallelLinear": True}
+    assert result["fused_adamw"] is True
 
 
 def test_no_lora_only_trainable_trains_the_base_too():
