@@ -152,8 +152,9 @@ def _inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _megatron_logits(chunks, arch) -> torch.Tensor:
+    device = next(chunks[0].parameters()).device  # CUDA on a GPU machine
     ids, pos = _inputs(arch.vocab_size)
-    return hc.gather_logits(chunks[0](ids, pos, None), arch)
+    return hc.gather_logits(chunks[0](ids.to(device), pos.to(device), None), arch).cpu()
 
 
 @torch.no_grad()

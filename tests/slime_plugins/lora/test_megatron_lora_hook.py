@@ -68,11 +68,12 @@ def _inspect(rank, flags):
     model, opt = built.model[0], built.optimizer
     lora = {id(p) for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
     in_opt = {id(p) for group in opt.optimizer.param_groups for p in group["params"]}
-    ids = torch.randint(0, 256, (2, 8))
+    device = next(model.parameters()).device  # CUDA on a GPU machine
+    ids = torch.randint(0, 256, (2, 8)).to(device)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     for _ in range(2):
         opt.zero_grad()
-        model(ids, torch.arange(8).expand(2, -1), None, labels=ids).mean().backward()
+        model(ids, torch.arange(8, device=device).expand(2, -1), None, labels=ids).mean().backward()
         frozen_grads = [n for n, p in model.named_parameters() if "lora_" not in n and p.grad is not None]
         opt.step()
     changed = [n for n, p in model.named_parameters() if "lora_" not in n and not torch.equal(p, before[n])]

@@ -55,8 +55,9 @@ def _token_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _our_logprobs(chunks, arch) -> torch.Tensor:
+    device = next(chunks[0].parameters()).device  # CUDA on a GPU machine
     pos = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
-    return _token_logprobs(gather_logits(chunks[0](TOKENS, pos, None), arch))
+    return _token_logprobs(gather_logits(chunks[0](TOKENS.to(device), pos.to(device), None), arch).cpu())
 
 
 @torch.no_grad()
