@@ -16,11 +16,11 @@
 #   3. pytest subset for one GPU (actor train step on packed batches, HF loading/errors and logits
 #      parity, LoRA layer units, the LoRA optimizer contents, PEFT export parity), -x; left out:
 #      TP=2 / PP=2 (two GPUs) and SmolLM2 (not on the device)
-# Last run (2026-11-28, commit "LoRA up-projection as one autograd Function ... fused AdamW"): one NVIDIA
-#   H200 (torch 2.11.0+cu130, megatron-core 0.16.1 from wheels), PARTS=123, 94 s wall: part 1 all 12
-#   checks ok; part 2 all 22 checks ok (HF logits diff <= 1.3e-6, peft parity 1.3e-6, resume bitwise,
-#   bf16 steps); part 3 77 passed, 10 deselected. (The run before, with part 4: 3 tests failed there,
-#   all on CPU token ids fed to the CUDA model.)
+# Last run (2026-11-28, this commit's tests): one NVIDIA H200 (torch 2.11.0+cu130, megatron-core
+#   0.16.1 from wheels), 154 s wall: part 1 all 12 checks ok; part 2 "inline checks: all passed"
+#   (21 ok lines: HF logits diff <= 1.3e-6 for 6 shapes, peft parity 1.3e-6, exact adapter import,
+#   LoRA training with fused AdamW on CUDA, resume bitwise, bf16 steps); part 3 86 passed,
+#   3 deselected (TP=2 / PP=2 / SmolLM2).
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
