@@ -12,8 +12,8 @@ CPU generator where it would save the CUDA one.
 
 megatron-core wraps its fused elementwise kernels (bias + GeLU/SwiGLU, ...) in
 ``torch.compile`` when it is imported, which loads TorchDynamo and Inductor into
-the process: +74 MiB resident and ~1.2 s per trainer process on the CPU, for
-kernels the CPU layer spec never calls.  Without CUDA, megatron is imported with
+the process (~1.2 s and +80 MiB right after the import, most of it transient: the
+benchmark's peak moved by 13 MiB) for kernels the CPU layer spec never calls.  Without CUDA, megatron is imported with
 its own no-op decorator in place of ``torch.compile`` (what its
 ``disable_jit_fuser`` selects, which cannot run before megatron's own import).
 
