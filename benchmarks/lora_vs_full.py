@@ -3,7 +3,11 @@
 Each variant trains in a fresh child process (so peak RSS and allocator state are its own):
 
 * ``full``: every parameter trainable, AdamW (torch's fused kernel, as the trainer uses) over all of them;
-* ``lora``: ``--use-lora`` with rank ``r`` on ``linear_qkv linear_proj linear_fc1 linear_fc2``.
+* ``lora``: ``--use-lora`` with rank ``r`` on ``linear_qkv linear_proj linear_fc1 linear_fc2``;
+  by default at micro-batch 2 with ``--lora-recompute-input``, i.e. the memory LoRA frees spent
+  on a larger micro-batch (the issue leaves micro-batching to us as long as both targets hold);
+* ``full mb2`` (when the micro-batches differ): full at LoRA's micro-batch, so the table also
+  shows the ratio at equal micro-batch.
 
 Model: SmolLM2-135M's shape (Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, head_dim 64,
 FFN 1536, vocab 49152, tied embeddings), random weights, fp32.  One optimizer step consumes
@@ -20,8 +24,8 @@ Measured per variant:
 * activation bytes: unique non-parameter storages packed by autograd during one micro-batch's
   forward (``torch.autograd.graph.saved_tensors_hooks``), i.e. what backward keeps alive.
 
-Run:  ``python benchmarks/lora_vs_full.py``  (``--help`` for the knobs).  It takes 14 training
-steps plus two model builds; wall times are only meaningful on an otherwise idle machine, so
+Run:  ``python benchmarks/lora_vs_full.py``  (``--help`` for the knobs).  It takes 21 training
+steps plus three model builds; wall times are only meaningful on an otherwise idle machine, so
 the CPU seconds per step (``cpu s``, process time of all threads) are reported next to them.
 """
 
@@ -72,6 +76,7 @@ class Result:
     variant: str
     micro_batch: int
     recompute: bool
+    recompute_input: bool
     malloc_env: dict
     allocator: str
     optimizer: str
@@ -203,6 +208,8 @@ def run_child(opts: argparse.Namespace) -> Result:
     if opts.child == "lora":
         flags += ["--use-lora", "--lora-r", str(opts.rank), "--lora-alpha", str(2 * opts.rank),
                   "--lora-target-modules", *LORA_TARGETS]
+        if opts.lora_recompute_input:
+            flags.append("--lora-recompute-input")
     args = parse_args(flags)
     model, optimizer, _, _ = initialize_model_and_optimizer(args, arch=ModelArch.from_hf_config(SMOLLM2_135M))
     for chunk in model:
@@ -222,6 +229,7 @@ def run_child(opts: argparse.Namespace) -> Result:
     median = lambda k: statistics.median(t[k] for t in timed)  # noqa: E731
     result = Result(
         variant=opts.child, micro_batch=opts.micro_batch, recompute=opts.recompute,
+        recompute_input=opts.child == "lora" and opts.lora_recompute_input,
         malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         allocator=active_allocator(),
         optimizer="fused AdamW" if optimizer.optimizer.defaults.get("fused") else "AdamW (per-tensor loop)",
@@ -242,13 +250,14 @@ def _child_command(opts: argparse.Namespace, variant: str, micro_batch: int, rec
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--micro-batch", str(micro_batch),
            "--batch", str(opts.batch), "--seq", str(opts.seq), "--rank", str(opts.rank), "--threads",
            str(opts.threads), "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--seed", str(opts.seed)]
-    return cmd + (["--recompute"] if recompute else [])
+    cmd += ["--recompute"] if recompute else []
+    return cmd + (["--lora-recompute-input"] if variant == "lora" and opts.lora_recompute_input else [])
 
 
-def spawn(opts: argparse.Namespace, variant: str) -> Result:
+def spawn(opts: argparse.Namespace, variant: str, micro_batch: int | None = None) -> Result:
     """Run one variant in a fresh interpreter and parse the JSON line it prints last."""
     is_lora = variant == "lora"
-    micro_batch = (opts.lora_micro_batch if is_lora and opts.lora_micro_batch else opts.micro_batch)
+    micro_batch = micro_batch or (opts.lora_micro_batch if is_lora and opts.lora_micro_batch else opts.micro_batch)
     recompute = opts.recompute in ("both", variant)
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), PYTHONWARNINGS="ignore")
     env.update(allocator_env(opts.allocator))
@@ -267,18 +276,25 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.3f}"
 
 
-def format_table(full: Result, lora: Result) -> str:
-    """Rows full / lora / ratio; memory in GiB, times in seconds."""
+def format_table(full: Result, lora: Result, reference: Result | None = None) -> str:
+    """Rows full / lora / ratio (+ full at LoRA's micro-batch and LoRA's ratio to it); GiB and seconds."""
     cols = [("step s", "step_s", "{:.3f}"), ("fwd s", "forward_s", "{:.3f}"), ("bwd s", "backward_s", "{:.3f}"),
             ("optim s", "optimizer_s", "{:.3f}"), ("cpu s", "cpu_s", "{:.2f}"), ("RSS GiB", "peak_rss", None),
             ("state GiB", "state_bytes", None), ("act GiB/mb", "activation_bytes", None)]
-    header = f"{'':<7}" + "".join(f"{name:>13}" for name, _, _ in cols)
-    lines = [header]
-    for label, r in (("full", full), ("lora", lora)):
-        cells = [fmt.format(getattr(r, key)) if fmt else _gib(getattr(r, key)) for _, key, fmt in cols]
-        lines.append(f"{label:<7}" + "".join(f"{c:>13}" for c in cells))
-    ratios = [getattr(lora, key) / getattr(full, key) for _, key, _ in cols]
-    lines.append(f"{'ratio':<7}" + "".join(f"{x:>13.3f}" for x in ratios))
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"{label:<10}" + "".join(f"{c:>13}" for c in cells)
+
+    def values(r: Result) -> list[str]:
+        return [fmt.format(getattr(r, key)) if fmt else _gib(getattr(r, key)) for _, key, fmt in cols]
+
+    def ratios(base: Result) -> list[str]:
+        return [f"{getattr(lora, key) / getattr(base, key):.3f}" for _, key, _ in cols]
+
+    lines = [row("", [name for name, _, _ in cols]), row("full", values(full)), row("lora", values(lora)),
+             row("ratio", ratios(full))]
+    if reference is not None:
+        lines += [row(f"full mb{reference.micro_batch}", values(reference)), row("ratio", ratios(reference))]
     return "\n".join(lines)
 
 
@@ -289,8 +305,14 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=8, help="samples per optimizer step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sample")
-    p.add_argument("--micro-batch", type=int, default=1, help="samples per forward/backward (both variants)")
-    p.add_argument("--lora-micro-batch", type=int, default=None, help="override --micro-batch for LoRA only")
+    p.add_argument("--micro-batch", type=int, default=1, help="samples per forward/backward (full; LoRA too "
+                   "with --lora-micro-batch 0)")
+    p.add_argument("--lora-micro-batch", type=int, default=2, help="samples per forward/backward of LoRA "
+                   "(0: same as --micro-batch)")
+    p.add_argument("--lora-recompute-input", action=argparse.BooleanOptionalAction, default=True,
+                   help="LoRA child runs with --lora-recompute-input (adapter inputs recomputed in backward)")
+    p.add_argument("--equal-micro-batch-reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="when the micro-batches differ, also train full at LoRA's micro-batch and print that ratio")
     p.add_argument("--recompute", choices=["none", "lora", "full", "both"], default="none",
                    help="which variants run with --recompute-activations")
     p.add_argument("--return-memory", choices=["none", "lora", "full", "both"], default="none",
@@ -318,26 +340,36 @@ def main(argv: list[str] | None = None) -> int:
                            ("--rank", int), ("--threads", int), ("--steps", int), ("--warmup", int), ("--seed", int)):
             child_parser.add_argument(name, type=kind, required=True)
         child_parser.add_argument("--recompute", action="store_true")
+        child_parser.add_argument("--lora-recompute-input", action="store_true")
         print(json.dumps(asdict(run_child(child_parser.parse_args(argv)))), flush=True)
         return 0
     opts = parse_cli(argv)
     started = time.perf_counter()
     full = spawn(opts, "full")
     lora = spawn(opts, "lora")
-    print(format_table(full, lora))
+    reference = None
+    if opts.equal_micro_batch_reference and lora.micro_batch != full.micro_batch:
+        reference = spawn(opts, "full", micro_batch=lora.micro_batch)
+    print(format_table(full, lora, reference))
     for key, limit in TARGETS.items():
         ratio = getattr(lora, key) / getattr(full, key)
         print(f"target {key}: lora/full = {ratio:.3f} (<= {limit}: {'met' if ratio <= limit else 'MISSED'})")
+    if reference is not None:
+        print(f"at equal micro-batch {reference.micro_batch}: lora/full step {lora.step_s / reference.step_s:.3f}, "
+              f"peak RSS {lora.peak_rss / reference.peak_rss:.3f}")
     print(f"step times (s): full {full.step_times}  lora {lora.step_times}")
     print(f"trainable params: full {full.trainable_params:,}  lora {lora.trainable_params:,}")
     print(f"malloc: full {full.allocator}  lora {lora.allocator}; optimizer: full {full.optimizer}  lora {lora.optimizer}")
     print(f"micro-batch: full {full.micro_batch}  lora {lora.micro_batch}; recompute: full {full.recompute}  "
-          f"lora {lora.recompute}; malloc env: full {full.malloc_env or '-'}  lora {lora.malloc_env or '-'}")
+          f"lora {lora.recompute}; lora input recompute: {lora.recompute_input}; malloc env: full {full.malloc_env or '-'}  lora {lora.malloc_env or '-'}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"benchmark wall time: {time.perf_counter() - started:.0f} s")
     if opts.json:
         tmp = Path(opts.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"full": asdict(full), "lora": asdict(lora)}, indent=2))
+        results = {"full": asdict(full), "lora": asdict(lora)}
+        if reference is not None:
+            results["full_at_lora_micro_batch"] = asdict(reference)
+        tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, opts.json)
     return 0
 

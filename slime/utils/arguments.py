@@ -139,6 +139,9 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--lora-use-rslora", action="store_true", help="scaling alpha / sqrt(r) (rank-stabilised LoRA)")
     g.add_argument("--lora-verbose", action="store_true", help="log every wrapped module, not only the first layer's")
     g.add_argument("--lora-adapter-path", type=str, default=None, help="start from this PEFT adapter directory")
+    g.add_argument("--lora-recompute-input", action="store_true",
+                   help="keep no adapter input for backward: recompute it from the norm/SwiGLU that made it "
+                        "(less activation memory, one elementwise pass more per layer)")
     return parser
 
 
@@ -165,6 +168,9 @@ def validate_lora_args(args: argparse.Namespace) -> list[str]:
         if target not in known and not set("*?[") & set(target):
             errors.append(f"--lora-target-modules: unknown module '{target}' (use {' '.join(ALL_LINEAR)}, "
                           f"HF names like q_proj, 'all-linear', or a glob such as '*.layers.0.*.linear_qkv')")
+    if args.lora_recompute_input and isinstance(args.lora_dropout, (int, float)) and args.lora_dropout > 0:
+        errors.append("--lora-recompute-input needs --lora-dropout 0 (a dropped-out input cannot be recomputed "
+                      "from the norm/SwiGLU that made it); drop one of the two flags")
     return errors
 
 

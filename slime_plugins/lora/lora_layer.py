@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slime_plugins.lora.input_recompute import down_project
+
 # Hugging Face projection names -> the fused Megatron module that holds them.
 HF_TO_MEGATRON_TARGETS: dict[str, str] = {
     "q_proj": "linear_qkv",
@@ -190,7 +192,10 @@ class LoRALinear(nn.Module):
             # x is this rank's slice of the input: dropout masks must differ per rank.
             fork = get_cuda_rng_tracker().fork()
         with fork:
-            h = F.linear(self.lora_dropout(x), self.lora_A)
+            if isinstance(self.lora_dropout, nn.Identity):  # x itself, maybe recomputed in backward
+                h = down_project(x, self.lora_A)
+            else:
+                h = F.linear(self.lora_dropout(x), self.lora_A)
         return self._communicate(h)
 
     def add_delta(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from slime.utils.errors import UserError
+from slime_plugins.lora.input_recompute import install_input_recompute
 from slime_plugins.lora.lora_layer import apply_lora_to_model, resolve_targets
 
 _RULE = "=" * 80
@@ -90,7 +91,9 @@ def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module], args: argpa
 
     ``model`` is a list of chunks (virtual pipeline stages) or one module; wrappers are
     unwrapped.  With ``--lora-only-trainable`` (the default) every non-LoRA parameter gets
-    ``requires_grad=False``.  Returns the list of chunks.
+    ``requires_grad=False``.  With ``--lora-recompute-input`` the norms and SwiGLUs tag their
+    outputs so that adapters recompute their input in backward instead of keeping it.
+    Returns the list of chunks.
     """
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     targets = resolve_targets(args.lora_target_modules)
@@ -114,6 +117,9 @@ def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module], args: argpa
         except ValueError as exc:
             raise UserError(str(exc)) from None
         _log_applied(index, names, getattr(args, "lora_verbose", False))
+        if getattr(args, "lora_recompute_input", False):
+            producers = install_input_recompute(inner)
+            _log(f"Adapter inputs recomputed in backward from {len(producers)} norm/SwiGLU outputs")
         if getattr(args, "lora_only_trainable", True):
             for name, param in inner.named_parameters():
                 param.requires_grad_(".lora_A" in name or ".lora_B" in name or name in ("lora_A", "lora_B"))

@@ -15,9 +15,14 @@ def test_short_run_prints_the_table_and_measures_both_variants(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert [line.split()[0] for line in lines[1:4]] == ["full", "lora", "ratio"]
+    assert [line.split()[0] for line in lines[1:6]] == ["full", "lora", "ratio", "full", "ratio"]
+    assert lines[4].startswith("full mb2")
     result = json.loads(out.read_text())
-    full, lora = result["full"], result["lora"]
+    full, lora, reference = result["full"], result["lora"], result["full_at_lora_micro_batch"]
+    # the defaults: full at micro-batch 1, LoRA at 2 recomputing its inputs, full again at 2 for reference
+    assert (full["micro_batch"], lora["micro_batch"], reference["micro_batch"]) == (1, 2, 2)
+    assert lora["recompute_input"] and not full["recompute_input"]
+    assert reference["state_bytes"] == full["state_bytes"]
     # r = 16 on qkv (576 -> 960), proj (576 -> 576), fc1 (576 -> 3072), fc2 (1536 -> 576), 30 layers
     assert lora["trainable_params"] == 16 * ((576 + 960) + (576 + 576) + (576 + 3072) + (1536 + 576)) * 30
     assert full["trainable_params"] == 134_515_008  # tied embeddings counted once
@@ -28,3 +33,4 @@ def test_short_run_prints_the_table_and_measures_both_variants(tmp_path):
     assert lora["state_bytes"] / full["state_bytes"] < 0.30
     assert full["optimizer"] == lora["optimizer"] == "fused AdamW"
     assert "target state_bytes: lora/full = " in proc.stdout and "command: " in proc.stdout
+    assert "at equal micro-batch 2: lora/full step " in proc.stdout
