@@ -91,7 +91,10 @@ def _producer_types() -> tuple[type, ...]:
 
 
 def _tag_output(module: nn.Module, args: tuple, output) -> None:
-    if len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+    # Only where the recipe can be used: an input that needs no grad is not kept by the
+    # producer, and a tag would keep it alive for as long as the output lives.
+    if (torch.is_grad_enabled() and len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].requires_grad
+            and isinstance(output, torch.Tensor)):
         mark_recomputable(output, module, args[0])
 
 

@@ -87,6 +87,15 @@ def test_modified_input_is_kept_not_recomputed():
     torch.testing.assert_close(layer.lora_A.grad, dh.t() @ x.detach())  # the doubled x, not norm(z)
 
 
+def test_no_tag_without_grad():
+    norm = nn.RMSNorm(8)
+    install_input_recompute(norm)
+    assert recipe_of(norm(torch.randn(4, 8))) is None  # the input needs no grad
+    with torch.no_grad():
+        assert recipe_of(norm(torch.randn(4, 8, requires_grad=True))) is None
+    assert recipe_of(norm(torch.randn(4, 8, requires_grad=True))) is not None
+
+
 def test_no_recipe_when_the_producer_keeps_nothing():
     z = torch.randn(4, 8)  # no grad: the norm saves nothing, keeping z instead of x would not help
     x = torch.randn(4, 8, requires_grad=True)
@@ -133,6 +142,16 @@ def test_megatron_model_trains_bit_identically_with_less_saved():
     # layer 0's linear_qkv: its norm reads the frozen embedding, which needs no grad.
     tokens, layers = 2 * 10, 3
     assert plain["saved"] - recomputed["saved"] == tokens * 4 * (layers * (48 + 48 + 80) - 48)
+
+
+def test_tensor_parallel_trains_bit_identically():
+    flags = ["--tensor-model-parallel-size", "2"]
+    plain = run_distributed(_megatron_steps, 2, args=(flags,))
+    recomputed = run_distributed(_megatron_steps, 2, args=(flags + ["--lora-recompute-input"],))
+    for p, r in zip(plain, recomputed):
+        assert r["losses"] == p["losses"]
+        assert all(torch.equal(r["adapters"][n], v) for n, v in p["adapters"].items())
+        assert r["saved"] < p["saved"]
 
 
 def test_flag_rejects_dropout():
