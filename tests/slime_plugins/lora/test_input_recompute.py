@@ -144,7 +144,7 @@ def test_megatron_model_trains_bit_identically_with_less_saved():
     assert plain["saved"] - recomputed["saved"] == tokens * 4 * (layers * (48 + 48 + 80) - 48)
 
 
-def test_tensor_parallel_trains_bit_identically():
+def test_tp2_trains_bit_identically():
     flags = ["--tensor-model-parallel-size", "2"]
     plain = run_distributed(_megatron_steps, 2, args=(flags,))
     recomputed = run_distributed(_megatron_steps, 2, args=(flags + ["--lora-recompute-input"],))
