@@ -182,10 +182,17 @@ def logits_only_at(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor):
     positions go in as a batch of length-1 sequences (``[1, T, h]``): the gradient reaching
     the projection is then contiguous and its backward is one matmul, where ``[T, 1, h]``
     made torch expand the weight per token (measured: 1.2 s instead of ~0.2 s per call).
+
+    A position can be selected more than once (a shared prompt's last token predicts the first
+    token of every response), so backward sums several gradients into one row.  ``index_select``
+    does that in index order; advanced indexing (``hidden[cols, rows]``) adds them with atomics
+    from several threads on the CPU, in a different order each run, which made whole training
+    runs differ from the first step on.
     """
     def select(module, args, kwargs):
         hidden = args[0]  # [S, b, h], sequence first as everywhere in megatron
-        return (hidden[cols, rows].unsqueeze(0), *args[1:]), kwargs
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, cols * hidden.shape[1] + rows)
+        return (flat.unsqueeze(0), *args[1:]), kwargs
 
     handle = model.output_layer.register_forward_pre_hook(select, with_kwargs=True)
     try:

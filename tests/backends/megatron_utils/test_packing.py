@@ -73,3 +73,46 @@ def test_packing_saves_the_repeated_prompts():
     assert mb.attention_mask[0, 0, second_resp, first_resp].all()
     assert not mb.attention_mask[0, 0, second_resp, :7].any()
     assert mb.position_ids[0, 10].item() == 7  # the second response continues the prompt too
+
+
+def test_logits_only_at_backward_is_deterministic_with_repeated_positions():
+    """A shared prompt's last position is selected once per response; its gradient must be
+    summed in index order, the same way every run (advanced indexing summed it with atomics
+    from two threads, in a different order each time)."""
+    from torch import nn
+
+    from slime.backends.megatron_utils.packing import logits_only_at
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.output_layer = nn.Linear(576, 8, bias=False)
+
+        def forward(self, hidden):
+            return self.output_layer(hidden)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model, hidden = Toy(), torch.randn(128, 1, 576, requires_grad=True)
+        # four responses of one prompt, each starting at the prompt's last position (40); 80 x 576
+        # gradient elements, enough for torch to split the CPU backward over threads
+        cols = torch.cat([torch.cat([torch.tensor([40]), torch.arange(41 + 20 * k, 60 + 20 * k)]) for k in range(4)])
+        rows = torch.zeros_like(cols)
+        upstream = torch.randn(1, len(cols), 8)
+        grads = []
+        for _ in range(20):
+            hidden.grad = None
+            with logits_only_at(model, rows, cols):
+                out = model(hidden)
+            out.backward(upstream)
+            grads.append(hidden.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    per_position = (upstream[0] @ model.output_layer.weight).detach()  # [T, h]
+    expected = torch.zeros(128, 576)
+    for i, c in enumerate(cols.tolist()):  # in index order
+        expected[c] += per_position[i]
+    for g in grads:
+        assert torch.equal(g[:, 0], expected)
