@@ -172,6 +172,17 @@ def rope_at_positions(model: nn.Module, position_ids: torch.Tensor):
         del rope.forward  # back to the class's method
 
 
+def _take_rows(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``flat[index]`` ``[T, h]`` whose backward sums repeated rows in a fixed order.
+
+    On the CPU, advanced indexing's backward (``index_put_`` with accumulate) adds with atomics
+    from several threads, in a different order each run (it made whole training runs diverge);
+    ``index_select``'s (``index_add_``) is serial there.  On CUDA it is the other way round:
+    ``index_add_`` uses atomics and ``index_put_`` sorts the indices first.
+    """
+    return flat.index_select(0, index) if flat.device.type == "cpu" else flat[index]
+
+
 @contextlib.contextmanager
 def logits_only_at(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor):
     """Inside the block, the model's output layer sees only the hidden states at ``(rows, cols)``.
@@ -184,15 +195,13 @@ def logits_only_at(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor):
     made torch expand the weight per token (measured: 1.2 s instead of ~0.2 s per call).
 
     A position can be selected more than once (a shared prompt's last token predicts the first
-    token of every response), so backward sums several gradients into one row.  ``index_select``
-    does that in index order; advanced indexing (``hidden[cols, rows]``) adds them with atomics
-    from several threads on the CPU, in a different order each run, which made whole training
-    runs differ from the first step on.
+    token of every response), so backward sums several gradients into one row; see
+    :func:`_take_rows` for doing that in the same order every run.
     """
     def select(module, args, kwargs):
         hidden = args[0]  # [S, b, h], sequence first as everywhere in megatron
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, cols * hidden.shape[1] + rows)
-        return (flat.unsqueeze(0), *args[1:]), kwargs
+        picked = _take_rows(hidden.reshape(-1, hidden.shape[-1]), cols * hidden.shape[1] + rows)
+        return (picked.unsqueeze(0), *args[1:]), kwargs
 
     handle = model.output_layer.register_forward_pre_hook(select, with_kwargs=True)
     try:
