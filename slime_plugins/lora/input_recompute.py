@@ -33,19 +33,20 @@ _RECIPE_ATTR = "_lora_input_recipe"
 
 
 def mark_recomputable(output: torch.Tensor, producer: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
-    """Record that ``output == producer(*inputs)`` (bitwise), valid while ``output`` is not modified."""
-    setattr(output, _RECIPE_ATTR, (producer, inputs, output._version))
+    """Record that ``output == producer(*inputs)`` (bitwise), valid while ``output`` is not modified.
+
+    Nothing is recorded without grad or when an input does not require grad: then the producer's
+    backward keeps nothing, keeping its input instead of ``output`` would cost as much or more
+    (SwiGLU's input is twice its output), and the tag would keep that input alive.
+    """
+    if torch.is_grad_enabled() and all(t.requires_grad for t in inputs):
+        setattr(output, _RECIPE_ATTR, (producer, inputs, output._version))
 
 
 def recipe_of(x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]] | None:
-    """``(producer, inputs)`` that recompute ``x``, or None when that would not save memory.
-
-    None when ``x`` has no recipe, was modified after it was made, or when an input does not
-    require grad: then the producer's backward keeps nothing, and keeping its input instead of
-    ``x`` would cost as much or more (SwiGLU's input is twice its output).
-    """
+    """``(producer, inputs)`` that recompute ``x``; None without a recipe or if ``x`` changed since."""
     recipe = getattr(x, _RECIPE_ATTR, None)
-    if recipe is None or recipe[2] != x._version or not all(t.requires_grad for t in recipe[1]):
+    if recipe is None or recipe[2] != x._version:
         return None
     return recipe[0], recipe[1]
 
@@ -93,10 +94,7 @@ def _producer_types() -> tuple[type, ...]:
 
 
 def _tag_output(module: nn.Module, args: tuple, output) -> None:
-    # Only where the recipe can be used: an input that needs no grad is not kept by the
-    # producer, and a tag would keep it alive for as long as the output lives.
-    if (torch.is_grad_enabled() and len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].requires_grad
-            and isinstance(output, torch.Tensor)):
+    if len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
         mark_recomputable(output, module, args[0])
 
 
