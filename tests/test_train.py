@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._support.numerics import assert_close
 from tests._support.tiny_rl import make_tiny_rl_checkpoint, write_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,8 @@ def rows(log_dir):
     return [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_lora_run_three_rollouts(setup, tmp_path):
+@pytest.mark.numerics
+def test_lora_run_three_rollouts(setup, tmp_path, single_process):
     ckpt, prompts, eval_prompts = setup
     proc = run_train(*common(ckpt, prompts, tmp_path), "--use-lora", "--lora-r", 4, "--lora-alpha", 8, "--lr", 1e-3,
                      "--num-rollout", 3, "--use-kl-loss", "--kl-loss-coef", 0.01, "--save", tmp_path / "save",
@@ -51,7 +53,8 @@ def test_lora_run_three_rollouts(setup, tmp_path):
                     "train/grad_norm", "train/kl", "train/entropy", "train/rollout_logprob_abs_diff", "sync/bytes",
                     "sync/seconds", "perf/rollout_seconds", "perf/train_seconds", "perf/step_seconds"):
             assert key in r, key
-        assert r["train/rollout_logprob_abs_diff"] <= 1e-3
+        # engine (transformers + peft) vs trainer (megatron-core): the run's own bound, --check-logprob-gap's default
+        assert_close(r["train/rollout_logprob_abs_diff"], 0.0, atol=1e-3, rtol=0, what="engine vs trainer gap")
     assert metrics[0]["train/kl"] == 0.0  # adapters start at B = 0: the policy is the reference
     first_eval = [r for r in rows(tmp_path / "logs") if r["rollout_id"] == -1]
     assert first_eval and "eval/tiny/reward_mean" in first_eval[0]
@@ -62,30 +65,142 @@ def test_lora_run_three_rollouts(setup, tmp_path):
     assert metrics[1]["sync/bytes"] == sum(t.numel() * 4 for t in adapter.values())
     model_bytes = (Path(ckpt) / "model.safetensors").stat().st_size
     assert metrics[1]["sync/bytes"] < model_bytes
-    # the saved adapter loads in peft
+    # The saved adapter, loaded by peft, gives the trainer's log-probs on the same tokens.
+    from tests._support.logprobs import hf_logprobs, peft_logprobs
+
+    adapter = tmp_path / "save" / "adapter"
+    tokens = chat_tokens(ckpt, [("what is 3+4?", "7 is 7."), ("what is 9+8?", "17 = 17")])
+    in_peft = peft_logprobs(ckpt, adapter, tokens)
+    assert (in_peft - hf_logprobs(ckpt, tokens)).abs().max() > 10 * PEFT_LOGPROB_ATOL  # the adapter has learned
+    assert_close(in_peft, trainer_logprobs(ckpt, adapter, tokens), atol=PEFT_LOGPROB_ATOL, rtol=0,
+                 what="saved adapter: peft vs trainer")
+
+
+# fp32 log-probs of one adapter computed by peft (separate q/k/v and gate/up projections) and by the
+# trainer's megatron-core network (fused ones): the same math in another order of roundings.
+PEFT_LOGPROB_ATOL = 1e-4
+
+
+def chat_tokens(ckpt, pairs) -> "torch.Tensor":
+    """``[b, s]`` ids of chat-formatted (prompt, response) pairs; the pairs must tokenize to one length."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
 
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt), tmp_path / "save" / "adapter")
-    vocab = peft_model.config.vocab_size
-    assert peft_model(torch.tensor([[1, 5, 7]])).logits.shape[-1] == vocab
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    rows = []
+    for prompt, response in pairs:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        rows.append(tokenizer(text + response, add_special_tokens=False)["input_ids"])
+    return torch.tensor(rows)
 
 
-def first_step(tmp_path, ckpt, prompts, *flags):
-    proc = run_train(*common(ckpt, prompts, tmp_path), "--use-lora", "--lora-r", 4, "--lora-alpha", 8, "--lr", 1e-3,
-                     "--num-rollout", 1, *flags)
+def trainer_logprobs(ckpt, adapter, tokens) -> "torch.Tensor":
+    """The trainer's network on ``tokens``: base checkpoint plus ``adapter`` through the trainer's own
+    loader (``--lora-adapter-path``; ``--load`` reads checkpoints with it too), in this process at TP=1.
+
+    That this is the trainer's state at the end of the run, not just our own reading of the file,
+    rests on ``test_kill_then_load_resumes_exactly``: training resumed through this loader is
+    bit-identical to the uninterrupted run."""
+    from slime.backends.megatron_utils.model import initialize_model_and_optimizer
+    from slime.utils.arguments import parse_args
+    from tests._support.logprobs import megatron_logprobs
+
+    args = parse_args(["--hf-checkpoint", str(ckpt), "--use-lora", "--lora-r", "4", "--lora-alpha", "8",
+                       "--lora-adapter-path", str(adapter)])
+    built = initialize_model_and_optimizer(args)
+    for chunk in built.model:
+        chunk.eval()
+    return megatron_logprobs(built.model, built.arch, tokens)
+
+
+# Parallel runs differ from the single-process run only in the order of fp32 roundings (TP shards,
+# DP sums), so every metric agrees to a few ulps of its summands.  The loss is a token mean of
+# advantage-weighted ratios (|advantage| ~ 1) that cancel to ~1e-3, so its rounding error is
+# absolute (~1e-8 here), not relative to its small value: it also gets PARALLEL_LOSS_ATOL.
+PARALLEL_RTOL = 1e-5
+PARALLEL_LOSS_ATOL = 1e-7
+# Mean |engine - trainer| log-prob gap of a parallel run (fp32; ~2e-7 measured): the engine got the
+# adapter the TP shards or DP replicas trained, not merely one under the run's 1e-3 bound.
+PARALLEL_ENGINE_GAP = 1e-5
+# Two optimizer steps per rollout (--global-batch-size 8 of 16 samples): the second step's ratios
+# are not 1, so the loss depends on the model; KL against the adapters-off reference shows the
+# adapters have moved (lr 1e-2).
+PARALLEL_FLAGS = ["--use-lora", "--lora-r", 4, "--lora-alpha", 8, "--lr", 1e-2, "--num-rollout", 3,
+                  "--global-batch-size", 8, "--use-kl-loss", "--kl-loss-coef", 0.01]
+
+
+def parallel_metrics(tmp_path, ckpt, prompts, *flags) -> dict[int, dict]:
+    proc = run_train(*common(ckpt, prompts, tmp_path), *PARALLEL_FLAGS, *flags)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return rows(tmp_path / "logs")[0]
+    return {r["rollout_id"]: r for r in rows(tmp_path / "logs") if r["rollout_id"] >= 0}
 
 
-def test_tp2_first_step_equals_tp1(setup, tmp_path):
+@pytest.fixture(scope="module")
+def single_process_run(setup, tmp_path_factory):
+    """The reference for every parallel configuration: one trainer, TP=1, DP=1."""
     ckpt, prompts, _ = setup
-    tp1 = first_step(tmp_path / "tp1", ckpt, prompts)
-    tp2 = first_step(tmp_path / "tp2", ckpt, prompts, "--tensor-model-parallel-size", 2)
-    assert tp2["rollout/reward_mean"] == tp1["rollout/reward_mean"]  # same samples
-    assert tp2["train/loss"] == pytest.approx(tp1["train/loss"], rel=1e-5, abs=1e-7)
-    assert tp2["train/grad_norm"] == pytest.approx(tp1["train/grad_norm"], rel=1e-5)
+    return parallel_metrics(tmp_path_factory.mktemp("single"), ckpt, prompts)
+
+
+@pytest.mark.parametrize("flags", [
+    pytest.param(["--tensor-model-parallel-size", 2], id="tp2"),
+    pytest.param(["--actor-num-gpus-per-node", 2], id="dp2"),  # two trainers at TP=1: DP=2
+    pytest.param(["--tensor-model-parallel-size", 2, "--sequence-parallel"], id="tp2-sp"),
+])
+@pytest.mark.numerics
+def test_parallel_run_equals_single_process_at_every_rollout(setup, single_process_run, tmp_path, flags):
+    """Three rollouts of LoRA GRPO: rewards (same samples), loss, grad norm and KL equal the
+    single-process run's at every rollout, after the adapters have learned something."""
+    ckpt, prompts, _ = setup
+    reference = single_process_run
+    assert sorted(reference) == [0, 1, 2]
+    # The adapters moved: the policy is no longer the reference (B = 0) policy, and the
+    # comparison is not of untrained states.
+    assert all(reference[i]["train/kl"] > 1e-3 for i in (1, 2)), [reference[i]["train/kl"] for i in (1, 2)]
+    assert len({round(reference[i]["train/grad_norm"], 6) for i in range(3)}) == 3
+
+    parallel = parallel_metrics(tmp_path, ckpt, prompts, *flags)
+    assert sorted(parallel) == [0, 1, 2]
+    for i in range(3):
+        for key in ("rollout/reward_mean", "train/grad_norm", "train/kl"):
+            assert_close(parallel[i][key], reference[i][key], rtol=PARALLEL_RTOL, atol=0.0, what=f"rollout {i} {key}")
+        assert_close(parallel[i]["train/loss"], reference[i]["train/loss"], rtol=PARALLEL_RTOL,
+                     atol=PARALLEL_LOSS_ATOL, what=f"rollout {i} train/loss")
+        assert parallel[i]["train/rollout_logprob_abs_diff"] <= PARALLEL_ENGINE_GAP, (i, parallel[i])
+
+
+def run_train_with_perturbed_engine(*flags, timeout=600):
+    """``train.py FLAGS`` whose rollout engine adds noise to every adapter B it receives (see
+    ``tests/_support/perturbed_engine.py``): it samples from another policy than the trainer's."""
+    import os
+
+    entry = "from tests._support.perturbed_engine import main; main()"
+    return subprocess.run([sys.executable, "-c", entry, *map(str, flags)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+
+
+def test_engine_on_a_perturbed_adapter_fails_the_run_in_one_step(setup, tmp_path):
+    """The trainer's log-probs are compared with the engine's on every rollout: an engine sampling
+    from the wrong adapter stops the run at rollout 0 with one line naming the flag (default 1e-3
+    in fp32); ``--check-logprob-gap 0`` disables the check and the same run completes."""
+    ckpt, prompts, _ = setup
+    flags = ["--use-lora", "--lora-r", 4, "--lora-alpha", 8, "--lr", 1e-3, "--num-rollout", 2]
+    failed = run_train_with_perturbed_engine(*common(ckpt, prompts, tmp_path / "checked"), *flags)
+    assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-5000:]
+    last = [line for line in failed.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: rollout 0: mean |logp_rollout - logp_train| = "), last
+    assert "exceeds --check-logprob-gap 0.001: the rollout engine is not sampling from the trained weights" in last, last
+    assert "Traceback" not in failed.stderr, failed.stderr[-5000:]
+    assert "rollout 0 |" not in failed.stdout  # no step completed
+
+    unchecked = run_train_with_perturbed_engine(*common(ckpt, prompts, tmp_path / "unchecked"), *flags,
+                                                "--check-logprob-gap", 0)
+    assert unchecked.returncode == 0, unchecked.stdout[-3000:] + unchecked.stderr[-5000:]
+    metrics = [r for r in rows(tmp_path / "unchecked" / "logs") if r["rollout_id"] >= 0]
+    assert [r["rollout_id"] for r in metrics] == [0, 1]
+    # The perturbation is still there (the gap is measured, far above the default bound); only the check is off.
+    assert all(r["train/rollout_logprob_abs_diff"] > 1e-2 for r in metrics), metrics
 
 
 def test_kill_then_load_resumes_exactly(setup, tmp_path):

@@ -72,8 +72,10 @@ def _read_parquet(path: Path, flag: str) -> Iterator[tuple[str, Any]]:
         raise UserError(
             f"{flag} {path}: reading parquet needs pyarrow; `pip install pyarrow` or convert the file to jsonl"
         ) from None
+    # A table has one schema for all rows, so a field a row lacks reads back as null: drop the
+    # nulls, so such a row is reported as missing the field, as the same row in jsonl would be.
     for row_number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield f"{path}:row {row_number}", row
+        yield f"{path}:row {row_number}", {key: value for key, value in row.items() if value is not None}
 
 
 def _as_messages(value: Any) -> list[dict[str, str]] | None:

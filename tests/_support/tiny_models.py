@@ -4,7 +4,8 @@
 transformers model from a small config, gives *every* parameter a seeded random value
 (norm weights around 1 and QKV biases non-zero, so a swapped or dropped tensor changes
 the logits), and writes it with ``save_pretrained`` (safetensors) into a fresh directory
-under ``tmp_path``.  ``TINY_SHAPES`` names the variants the conversion tests sweep:
+under ``tmp_path``; ``tiny_model(family, ...)`` is the same model in memory (the one factory
+for tiny random test models).  ``TINY_SHAPES`` names the variants the conversion tests sweep:
 GQA ratios 1, 2 and 3, ``head_dim != hidden_size / num_attention_heads``, tied and untied
 embeddings.  Every variant has even head, group and vocabulary counts, so it also runs
 at tensor-parallel size 2.
@@ -83,19 +84,33 @@ def randomize_(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
         param.copy_(noise + 1.0 if "norm" in name else noise)
 
 
-def make_tiny_checkpoint(root: str | Path, family: str = "llama", *, seed: int = 0, name: str | None = None,
-                         **overrides) -> Path:
-    """Build, randomise and save a tiny ``family`` model; return its directory (``root/name``).
+def tiny_model(family: str = "llama", *, seed: int = 0, randomize: bool = True, **overrides):
+    """The one tiny-model factory: a seeded, random, fp32 transformers model of ``family`` in eval mode.
 
-    The weights are fp32 safetensors (``model.safetensors``); a tied model has no
-    ``lm_head.weight`` in the file, as transformers saves it.
+    The config is :func:`tiny_config` (``BASE_CONFIG`` plus ``overrides``, e.g. ``hidden_size=64``).
+    ``randomize=True`` (what :func:`make_tiny_checkpoint` saves): every parameter drawn by
+    :func:`randomize_` from ``seed``.  ``randomize=False``: transformers' own init after
+    ``torch.manual_seed(seed)`` (matrices ~ N(0, ``initializer_range``), norms at 1), e.g. with
+    ``initializer_range=0.2`` for peaked next-token distributions, so greedy decoding is far from ties.
     """
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    randomize_(model, seed)
+    if randomize:
+        randomize_(model, seed)
+    return model.eval()
+
+
+def make_tiny_checkpoint(root: str | Path, family: str = "llama", *, seed: int = 0, name: str | None = None,
+                         randomize: bool = True, **overrides) -> Path:
+    """Build (:func:`tiny_model`) and save a tiny ``family`` model; return its directory (``root/name``).
+
+    The weights are fp32 safetensors (``model.safetensors``); a tied model has no
+    ``lm_head.weight`` in the file, as transformers saves it.
+    """
+    model = tiny_model(family, seed=seed, randomize=randomize, **overrides)
     out = Path(root) / (name or f"{family}-seed{seed}")
     model.save_pretrained(out, safe_serialization=True)
     return out

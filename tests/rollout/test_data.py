@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,13 @@ from transformers import AutoTokenizer
 
 from slime.rollout.data import PromptDataset, Sample
 from slime.utils.errors import UserError
-from slime.utils.model_prep import prepare_model
 
 QUESTION = "What is 2 + 3? Answer with just the number."
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return AutoTokenizer.from_pretrained(prepare_model("smollm2-135m-instruct"))
+def tokenizer(smollm2_checkpoint: Path) -> Any:
+    return AutoTokenizer.from_pretrained(smollm2_checkpoint)
 
 
 def _write(path: Path, rows: list[Any]) -> Path:
@@ -96,18 +96,42 @@ def test_chat_template_required_for_apply_chat_template(tmp_path: Path, tokenize
         PromptDataset(_numbered(tmp_path, 2), bare, apply_chat_template=True)
 
 
-def test_parquet(tmp_path: Path, tokenizer: Any) -> None:
+def test_parquet_rows_are_read(tmp_path: Path, tokenizer: Any) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"prompt": [{"role": "user", "content": QUESTION}], "label": "5", "metadata": {"a": 2, "b": 3}},
+        {"prompt": [{"role": "user", "content": "What is 4 + 4?"}], "label": "8", "metadata": {"a": 4, "b": 4}},
+        {"prompt": [{"role": "user", "content": "What is 1 + 0?"}], "label": "1", "metadata": {"a": 1, "b": 0}},
+    ]
     path = tmp_path / "p.parquet"
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        path.write_bytes(b"PAR1")
-        with pytest.raises(UserError, match=r"reading parquet needs pyarrow; `pip install pyarrow`"):
-            PromptDataset(path, tokenizer)
-        return
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    samples = PromptDataset(path, tokenizer, apply_chat_template=True).samples()
+    assert [(s.index, s.label, s.metadata) for s in samples] == [(i, r["label"], r["metadata"]) for i, r in enumerate(rows)]
+    for sample, row in zip(samples, rows):
+        assert sample.prompt == tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert sample.prompt_token_ids == tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+    # The same rows as JSON Lines give the same samples.
+    assert PromptDataset(_write(tmp_path / "p.jsonl", rows), tokenizer, apply_chat_template=True).samples() == samples
+
+
+def test_parquet_bad_row_names_file_and_row(tmp_path: Path, tokenizer: Any) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "a", "label": "1"}, {"question": "b"}]), path)
     with pytest.raises(UserError, match=r"p\.parquet:row 2: no 'prompt' field"):
+        PromptDataset(path, tokenizer)
+
+
+def test_parquet_without_pyarrow_is_a_user_error(tmp_path: Path, tokenizer: Any, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow.parquet` fails as if not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    path = tmp_path / "p.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(UserError, match=r"reading parquet needs pyarrow; `pip install pyarrow`"):
         PromptDataset(path, tokenizer)
 
 

@@ -9,29 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from slime.utils.errors import UserError
+from tests._support.adapters import peft_adapter_with_random_b
 from tests._support.tiny_models import make_tiny_checkpoint
+from tests._support.numerics import assert_close
 from tools.merge_lora import merge_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = torch.tensor([[3, 17, 42, 5, 88, 1, 64, 9]])
-
-
-def _peft_adapter(base: Path, out: Path, seed: int = 0, **config) -> torch.nn.Module:
-    """A peft LoRA on ``base`` with every B random (so every module changes the output), saved to ``out``."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    defaults = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
-    peft_model = get_peft_model(model, LoraConfig(**{**defaults, **config}))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    peft_model.save_pretrained(out)
-    return peft_model.eval()
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -44,9 +31,10 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
     ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2},
                    alpha_pattern={"down_proj": 3.0})),
 ])
+@pytest.mark.numerics
 def test_merge_equals_peft_merge_and_unload(tmp_path, family, config):
     base = make_tiny_checkpoint(tmp_path, family=family)
-    peft_model = _peft_adapter(base, tmp_path / "adapter", **config)
+    peft_model = peft_adapter_with_random_b(base, tmp_path / "adapter", **config)
     expected = _logits(peft_model.merge_and_unload())
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "stale.txt").write_text("replaced")  # an existing output is replaced whole
@@ -54,18 +42,19 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, family, config):
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     base_logits = _logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
     assert (expected - base_logits).abs().max() > 1e-2  # the adapter does change the model
-    torch.testing.assert_close(_logits(merged), expected, atol=1e-4, rtol=0)
+    assert_close(_logits(merged), expected, atol=1e-4, rtol=0, what=f"{family}: merged vs peft merge_and_unload")
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
     assert not list(tmp_path.glob("merged.*")), "no staging directories left behind"
 
 
+@pytest.mark.numerics
 def test_sharded_checkpoint_and_cli(tmp_path):
     base = make_tiny_checkpoint(tmp_path, family="qwen2")
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(base).save_pretrained(sharded, max_shard_size="20KB")
     assert (sharded / "model.safetensors.index.json").is_file()
-    peft_model = _peft_adapter(base, tmp_path / "adapter")
+    peft_model = peft_adapter_with_random_b(base, tmp_path / "adapter")
     expected = _logits(peft_model.merge_and_unload())
     result = subprocess.run([sys.executable, "tools/merge_lora.py", "--hf-checkpoint", str(sharded), "--adapter",
                              str(tmp_path / "adapter"), "--output", str(tmp_path / "out")],
@@ -74,13 +63,13 @@ def test_sharded_checkpoint_and_cli(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == \
         sorted(p.name for p in sharded.glob("*.safetensors"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-    torch.testing.assert_close(_logits(merged), expected, atol=1e-4, rtol=0)
+    assert_close(_logits(merged), expected, atol=1e-4, rtol=0, what="sharded CLI merge vs peft merge_and_unload")
 
 
 def test_errors_are_one_line_user_errors(tmp_path):
     base = make_tiny_checkpoint(tmp_path, family="llama")
     other = make_tiny_checkpoint(tmp_path, family="llama", name="wide", hidden_size=48)
-    _peft_adapter(other, tmp_path / "wide-adapter")
+    peft_adapter_with_random_b(other, tmp_path / "wide-adapter")
     with pytest.raises(UserError, match=r"module model\.layers\.0\.\w+\.\w+_proj: adapter delta is"):
         merge_lora(base, tmp_path / "wide-adapter", tmp_path / "out")
     with pytest.raises(UserError, match="adapter_config.json: missing"):

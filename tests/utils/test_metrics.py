@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,6 @@ from slime.utils.metrics import (CURVES_FILE, KL_KEY, LOGPROB_GAP_KEY, LOSS_KEY,
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-HAS_WANDB = importlib.util.find_spec("wandb") is not None
-HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def _rows(log_dir: Path) -> list[dict]:
@@ -143,15 +142,18 @@ def test_without_log_dir_nothing_is_written(tmp_path: Path, monkeypatch: pytest.
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(HAS_WANDB, reason="wandb is installed")
-def test_use_wandb_without_wandb_is_a_user_error(tmp_path: Path) -> None:
+def test_use_wandb_without_wandb_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails as if it were not installed
     with pytest.raises(UserError, match="--use-wandb needs pip install wandb"):
         MetricsLogger(tmp_path, use_wandb=True)
     assert not (tmp_path / METRICS_FILE).exists()  # failed before touching the log dir
 
 
-@pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed")
-def test_use_tensorboard_without_tensorboard_is_a_user_error(tmp_path: Path) -> None:
+def test_use_tensorboard_without_tensorboard_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.utils.tensorboard imports tensorboard first thing: block that, and forget a cached import.
+    for name in [n for n in sys.modules if n == "torch.utils.tensorboard" or n.startswith("torch.utils.tensorboard.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(UserError, match="--use-tensorboard needs pip install tensorboard"):
         MetricsLogger(tmp_path, use_tensorboard=True)
 
@@ -161,21 +163,133 @@ def test_use_tensorboard_without_log_dir_is_a_user_error() -> None:
         MetricsLogger(None, use_tensorboard=True)
 
 
-@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed")
-def test_wandb_offline_run_is_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# -- wandb (offline) and tensorboard, read back from what they wrote ------------
+
+
+@pytest.fixture
+def wandb_offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """wandb in offline mode, every directory it may write (HOME too) under a temporary folder.
+
+    Yields the stand-in home directory, so a test can check that wandb left nothing there.
+    The wandb service started by the test is shut down afterwards.
+    """
+    import wandb
+
+    root = tmp_path_factory.mktemp("wandb-env")
+    home = root / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # Offline mode never contacts a server; if it tried, this address refuses at once.
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(root / var.lower()))
+    yield home
+    wandb.teardown()
+
+
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of a wandb transaction log (``run-<id>.wandb``).
+
+    The file is a 7-byte header (``:W&B``, magic, version) and then LevelDB's log format:
+    32 KiB blocks of records, each a 7-byte header (crc32, length, type) and its bytes; a
+    record split over blocks comes as FIRST, MIDDLE..., LAST parts.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", data[:7]
+    records, pending, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is zero padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def _wandb_run(log_dir: Path, run_id: str, started: int) -> dict:
+    """What wandb recorded offline in its ``started``-th run directory (0-based) for ``run_id``:
+    ``{"history": {step: {key: value}}, "config": {key: value}}`` (wandb's own ``_``-keys dropped)."""
+    runs = sorted((log_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    history, config = {}, {}
+    key = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731
+    for record in _wandb_records(runs[started] / f"run-{run_id}.wandb"):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {key(item): json.loads(item.value_json) for item in record.history.item}
+            history[record.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
+        elif kind == "run":
+            config.update({key(item): json.loads(item.value_json) for item in record.run.config.update
+                           if key(item) != "_wandb"})
+    return {"history": history, "config": config}
+
+
+def test_wandb_offline_records_every_logged_value(tmp_path: Path, wandb_offline: Path) -> None:
+    with MetricsLogger(tmp_path, use_wandb=True, wandb_project="test", config={"lr": 0.25, "note": "x"}) as logger:
+        logger.log(0, {REWARD_KEY: 0.5, LOSS_KEY: torch.tensor(-1.25), KL_KEY: float("nan")})
+        logger.log(1, {REWARD_KEY: 0.75, LOSS_KEY: -0.5, KL_KEY: 0.125})
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    run = _wandb_run(tmp_path, run_id, 0)
+    # NaN is not sent (JSON has no NaN), everything else is, at its rollout id.
+    assert run["history"] == {0: {REWARD_KEY: 0.5, LOSS_KEY: -1.25},
+                              1: {REWARD_KEY: 0.75, LOSS_KEY: -0.5, KL_KEY: 0.125}}
+    assert run["config"] == {"lr": 0.25, "note": "x"}
+    assert [p for p in wandb_offline.rglob("*") if "wandb" in p.name] == []  # nothing under HOME
+
+
+def test_wandb_offline_run_is_resumed(tmp_path: Path, wandb_offline: Path) -> None:
     with MetricsLogger(tmp_path, use_wandb=True, wandb_project="test") as logger:
         _log_steps(logger, range(3))
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    # wandb names a run directory by the second it started: resume in the next second, as a real
+    # resume would, or the second run would write into the first one's directory.
+    time.sleep(1.05 - time.time() % 1)
     with MetricsLogger(tmp_path, use_wandb=True, wandb_project="test", resume_step=2) as logger:
         _log_steps(logger, range(2, 4))
     assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 2 and all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)
+    # The same run id, continued: the second run holds the rollouts logged after the resume.
+    assert _wandb_run(tmp_path, run_id, 0)["history"] == {s: {REWARD_KEY: s / 10, LOSS_KEY: -0.01 * s}
+                                                          for s in range(3)}
+    assert _wandb_run(tmp_path, run_id, 1)["history"] == {s: {REWARD_KEY: s / 10, LOSS_KEY: -0.01 * s}
+                                                          for s in range(2, 4)}
+    assert [p for p in wandb_offline.rglob("*") if "wandb" in p.name] == []
 
 
-@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed")
+def _tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` read back from the event files under ``log_dir/tensorboard``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir / "tensorboard"))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_read_back(tmp_path: Path) -> None:
+    f32 = lambda v: float(np.float32(v))  # noqa: E731  (event files store float32)
+    with MetricsLogger(tmp_path, use_tensorboard=True) as logger:
+        logger.log(0, {REWARD_KEY: 0.5, LOSS_KEY: torch.tensor(-1.25), KL_KEY: float("nan")})
+        logger.log(1, {REWARD_KEY: 0.1, LOSS_KEY: -0.3})
+        logger.log(1, {"eval/arith/reward_mean": 0.7})  # a second call for the same rollout
+        logger.log(5, {KL_KEY: 0.125})
+    assert _tensorboard_scalars(tmp_path) == {
+        REWARD_KEY: {0: 0.5, 1: f32(0.1)},
+        LOSS_KEY: {0: -1.25, 1: f32(-0.3)},
+        KL_KEY: {5: 0.125},  # the NaN of step 0 is not written
+        "eval/arith/reward_mean": {1: f32(0.7)},
+    }
+
+
 def test_tensorboard_events_and_resume_purge(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -76,7 +76,10 @@ class MegatronTrainRayActor:
     def _micro_batches(self, samples: list[int], data: dict) -> list[PackedBatch]:
         groups = group_by_prompt(samples, data)
         plan = plan_micro_batches(groups, data, self.args.micro_batch_size, self.args.max_tokens_per_micro_batch)
-        return [collate(rows, data) for rows in plan]
+        # Sequence parallelism splits every row into TP equal slices of the sequence.
+        tp = self.args.tensor_model_parallel_size
+        multiple = tp if self.args.sequence_parallel and tp > 1 else 1
+        return [collate(rows, data, width_multiple=multiple) for rows in plan]
 
     def _my_samples(self, samples: range, data: dict) -> list[int]:
         """This DP rank's share: whole prompt groups, round robin."""

@@ -48,12 +48,57 @@ def model_provider(args: argparse.Namespace, arch: ModelArch, *, pre_process: bo
         # the module gets the whole [.., 2F] fc1 output and keeps 1 tensor for backward, not 4.
         config.use_te_activation_func = True
         spec.submodules.mlp.submodules.activation_func = SwiGLU
-    return GPTModel(
+    if config.sequence_parallel:
+        from slime.backends.megatron_utils.sp_norm import use_sequence_parallel_norms
+
+        # megatron's torch-norm fallback refuses SP; ours tags the weights whose gradients are partial.
+        spec = use_sequence_parallel_norms(spec, config, vp_stage)
+    model = GPTModel(
         config, spec, vocab_size=arch.padded_vocab_size(tp), max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process, post_process=post_process, parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="rope",
         rotary_base=arch.rope_theta, vp_stage=vp_stage,
     )
+    _tag_parallel_weights(model, tp)
+    return model
+
+
+def _tag_parallel_weights(model: nn.Module, tp: int) -> None:
+    """Tag weights the way the optimizer's grad norm and TP reductions read them, as megatron does.
+
+    * TP shards: megatron sets ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride``
+      only inside ``_initialize_affine_weight_*``, which is skipped when the weights come from a
+      checkpoint (``perform_initialization=False``).  Untagged, a shard looked replicated: the
+      global grad norm counted it on TP rank 0 only (full fine-tuning at TP=2 clipped with a wrong
+      norm) and the banner's parameter total counted it once.  Vocabulary embedding and
+      column-parallel weights ``[out/tp, in]`` are split along dim 0, row-parallel ``[out, in/tp]``
+      along dim 1.
+    * q/k norms (Qwen3): one weight ``[head_dim]``, replicated, applied to this rank's heads only,
+      so its gradient is a partial sum over TP (megatron's ``finalize_model_grads`` sums them by
+      name).  Tagged ``sequence_parallel``, the optimizer's tag for exactly that: without it each
+      rank stepped its replica with its own partial gradient and the replicas drifted apart.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for name, module in model.named_modules():
+        if tp > 1 and name.rsplit(".", 1)[-1] in ("q_layernorm", "k_layernorm"):
+            for param in module.parameters():
+                param.sequence_parallel = True
+            continue
+        if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)  # None: an output layer that shares the embedding's
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
 
 
 def get_model(args: argparse.Namespace, arch: ModelArch) -> list[nn.Module]:

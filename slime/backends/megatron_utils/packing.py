@@ -94,13 +94,16 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def collate(rows: list[list[int]], data: dict, device: torch.device | str | None = None) -> PackedBatch:
+def collate(rows: list[list[int]], data: dict, device: torch.device | str | None = None,
+            width_multiple: int = 1) -> PackedBatch:
     """Build the packed tensors for rows of sample groups (see the module docstring).
 
     The tensors are built on the CPU and moved once to ``device`` (default: :func:`default_device`,
     where megatron puts the model), so the batch can be fed to the model and mixed with its outputs.
+    ``S`` is rounded up to a multiple of ``width_multiple`` (sequence parallelism splits the
+    sequence into TP equal slices); the extra positions are padding like any other.
     """
-    width = max(row_width(g, data) for g in rows)
+    width = -(-max(row_width(g, data) for g in rows) // width_multiple) * width_multiple
     b = len(rows)
     tokens = torch.zeros(b, width, dtype=torch.long)
     positions = torch.zeros(b, width, dtype=torch.long)
@@ -197,14 +200,30 @@ def logits_only_at(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor):
     A position can be selected more than once (a shared prompt's last token predicts the first
     token of every response), so backward sums several gradients into one row; see
     :func:`_take_rows` for doing that in the same order every run.
+
+    Under sequence parallelism the output layer receives this rank's slice ``[S/tp, b, h]`` and
+    would all-gather it along the sequence.  The positions are picked from the whole sequence,
+    so the hidden states are gathered first (backward: this rank's slice of the gradient, which
+    is complete on every rank) and the output layer runs as under plain TP, all-reducing the
+    gradient of its input (megatron does the same for its last-token logits in inference).
     """
+    output_layer = model.output_layer
+    sequence_parallel = bool(getattr(output_layer, "sequence_parallel", False))
+
     def select(module, args, kwargs):
-        hidden = args[0]  # [S, b, h], sequence first as everywhere in megatron
+        hidden = args[0]  # [S, b, h] ([S/tp, b, h] under SP), sequence first as everywhere in megatron
+        if sequence_parallel:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False,
+                                                          group=output_layer.tp_group)
         picked = _take_rows(hidden.reshape(-1, hidden.shape[-1]), cols * hidden.shape[1] + rows)
         return (picked.unsqueeze(0), *args[1:]), kwargs
 
-    handle = model.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    handle = output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    output_layer.sequence_parallel = False
     try:
         yield
     finally:
         handle.remove()
+        output_layer.sequence_parallel = sequence_parallel

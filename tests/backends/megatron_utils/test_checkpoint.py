@@ -5,6 +5,11 @@ Every run trains a tiny Llama (real megatron-core, real gloo processes) with LoR
 warm-up + cosine LR schedule, and batches drawn from torch, Python and NumPy RNGs, so step 3 after
 a resume matches the uninterrupted step 3 only if weights, AdamW state, LR step and every RNG
 stream come back exactly.
+
+One training run (a subprocess) feeds most tests, but each concern has its own fixture and test:
+the resume per variant, the real kill, the crash after each save stage, each load error, the
+adapter's contents (no training needed).  The worker computes each concern on its own and keeps
+a failure as that concern's result, so one broken behaviour fails only the tests that name it.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import random
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from slime.backends.megatron_utils.checkpoint import SAVE_STAGES
 from tests._support.dist import free_port, run_distributed
 
 REPO = Path(__file__).resolve().parents[3]
@@ -29,6 +36,23 @@ VARIANTS: dict[str, list[str]] = {
     "full": [],
 }
 KILLED_AT = "manifest"  # the real kill: every file written, nothing renamed yet
+SIMULATION_ERROR = "crash-simulation-error.txt"  # written by killed_run if simulating the crashes failed
+FAILED = "__failed__"  # marks a concern whose computation raised: {FAILED: traceback}
+
+
+def _captured(fn, *args):
+    """``fn(*args)``, or ``{FAILED: traceback}`` if it raised: one concern's failure must not hide another's."""
+    try:
+        return fn(*args)
+    except BaseException:
+        return {FAILED: traceback.format_exc()}
+
+
+def _unwrap(value, what: str):
+    """``value`` computed by :func:`_captured`, or the test fails with the traceback of ``what``."""
+    if isinstance(value, dict) and FAILED in value:
+        pytest.fail(f"{what} raised in the worker:\n{value[FAILED]}", pytrace=False)
+    return value
 
 
 def _flags(base: Path, tp: int, variant: str, *extra: str) -> list[str]:
@@ -115,7 +139,10 @@ def killed_run(base: str, root: str) -> None:
     results = _train(0, base_dir, root_dir, 1)
     (root_dir / "uninterrupted.json").write_text(json.dumps(results))
     original_kill = checkpoint._kill
-    _simulate_crashes(base_dir, root_dir)
+    try:
+        _simulate_crashes(base_dir, root_dir)
+    except BaseException:  # reported by the crash-recovery tests; the real kill below still runs
+        (root_dir / SIMULATION_ERROR).write_text(traceback.format_exc())
     checkpoint._kill = original_kill
     args, built = _build(base_dir, 1, "lora")
     os.environ[checkpoint.CRASH_ENV] = KILLED_AT
@@ -135,36 +162,34 @@ def _user_error(fn) -> str:
 
 def _resume(rank: int, base: Path, root: Path, tp: int) -> dict:
     """Fresh model per variant, RNGs scrambled, load, step 3; then a scrambled-RNG control step."""
+    return {variant: _resume_variant(base, root, tp, variant) for variant in VARIANTS}
+
+
+def _resume_variant(base: Path, root: Path, tp: int, variant: str) -> dict:
     from slime.backends.megatron_utils.checkpoint import load_checkpoint
 
-    out: dict = {}
-    for variant in VARIANTS:
-        _seed_host_rngs(99)
-        args, built = _build(base, tp, variant)
-        iteration, extra = load_checkpoint(root / variant, built.model, built.arch, args, built.optimizer)
-        out[variant] = {"iteration": iteration, "extra": extra, "step3": _step(built)}
-        load_checkpoint(root / variant, built.model, built.arch, args, built.optimizer)
-        torch.manual_seed(12345)  # the same state with the dropout/data RNG not restored: must differ
-        out[variant]["step3_without_rng"] = _step(built)
+    _seed_host_rngs(99)
+    args, built = _build(base, tp, variant)
+    iteration, extra = load_checkpoint(root / variant, built.model, built.arch, args, built.optimizer)
+    out = {"iteration": iteration, "extra": extra, "step3": _step(built)}
+    load_checkpoint(root / variant, built.model, built.arch, args, built.optimizer)
+    torch.manual_seed(12345)  # the same state with the dropout/data RNG not restored: must differ
+    out["step3_without_rng"] = _step(built)
     return out
 
 
-def _crash_recovery(base: Path, root: Path) -> dict:
-    """Each crashed copy loads (the previous or the finished iteration), and the next save cleans up."""
+def _crash_recovery(base: Path, root: Path, stage: str) -> dict:
+    """The copy crashed after ``stage`` loads (the previous or the finished iteration), and the next save cleans up."""
     from slime.backends.megatron_utils import checkpoint
 
-    out = {}
-    for stage in checkpoint.SAVE_STAGES:
-        target = root / f"crash-{stage}"
-        _seed_host_rngs(99)
-        args, built = _build(base, 1, "lora")
-        iteration, _ = checkpoint.load_checkpoint(target, built.model, built.arch, args, built.optimizer)
-        step = _step(built)
-        checkpoint.save_checkpoint(target, 4, built.model, built.arch, args, built.optimizer, {})
-        leftovers = sorted(p.name for p in target.iterdir() if p.name.startswith("."))
-        out[stage] = {"iteration": iteration, "step": step, "leftovers": leftovers,
-                      "link": os.readlink(target / "adapter")}
-    return out
+    target = root / f"crash-{stage}"
+    _seed_host_rngs(99)
+    args, built = _build(base, 1, "lora")
+    iteration, _ = checkpoint.load_checkpoint(target, built.model, built.arch, args, built.optimizer)
+    step = _step(built)
+    checkpoint.save_checkpoint(target, 4, built.model, built.arch, args, built.optimizer, {})
+    leftovers = sorted(p.name for p in target.iterdir() if p.name.startswith("."))
+    return {"iteration": iteration, "step": step, "leftovers": leftovers, "link": os.readlink(target / "adapter")}
 
 
 def _errors(base: Path, other_model: Path, root: Path) -> dict[str, str]:
@@ -197,17 +222,18 @@ def _errors(base: Path, other_model: Path, root: Path) -> dict[str, str]:
     empty = root / "empty"
     empty.mkdir()
     dangling = broken("dangling", lambda d: shutil.rmtree(d))
-    return {
-        "no_latest": _user_error(load(empty)),
-        "missing_iter": _user_error(load(dangling)),
-        "truncated": _user_error(load(broken("truncated", lambda d: truncate(d / "trainer_state/rank_00000.safetensors")))),
-        "corrupt": _user_error(load(broken("corrupt", lambda d: flip_byte(d / "adapter/adapter_model.safetensors")))),
-        "bad_meta": _user_error(load(broken("meta", lambda d: truncate(d / META_FILE)))),
-        "lora_r": _user_error(load(root / "lora", "lora", "--lora-r", "8")),
-        "no_lora": _user_error(load(root / "lora", "full")),
-        "model": _user_error(load(root / "lora", model=other_model)),
-        "tp": _user_error(load(broken("tp", claim_tp2))),
+    cases = {  # each builds its broken copy and its model only when its turn comes, as before
+        "no_latest": lambda: load(empty),
+        "missing_iter": lambda: load(dangling),
+        "truncated": lambda: load(broken("truncated", lambda d: truncate(d / "trainer_state/rank_00000.safetensors"))),
+        "corrupt": lambda: load(broken("corrupt", lambda d: flip_byte(d / "adapter/adapter_model.safetensors"))),
+        "bad_meta": lambda: load(broken("meta", lambda d: truncate(d / META_FILE))),
+        "lora_r": lambda: load(root / "lora", "lora", "--lora-r", "8"),
+        "no_lora": lambda: load(root / "lora", "full"),
+        "model": lambda: load(root / "lora", model=other_model),
+        "tp": lambda: load(broken("tp", claim_tp2)),
     }
+    return {case: _captured(lambda make=make: _user_error(make())) for case, make in cases.items()}
 
 
 def _adapter_size(root: Path) -> dict:
@@ -236,19 +262,23 @@ def _adapter_size(root: Path) -> dict:
 
 
 def _resume_and_check(rank: int, base: Path, other_model: Path, root: Path, tp: int) -> dict:
-    out = {"resume": _resume(rank, base, root, tp)}
-    if tp == 1:
-        out["crash"] = _crash_recovery(base, root)
-        out["errors"] = _errors(base, other_model, root)
-        out["adapter_size"] = _adapter_size(root)
-    return out
+    """TP=2: the resume only; a failure fails the worker (a rank that went on would wait for its peer).
+    TP=1: every concern computed on its own, its failure kept as its result (see :func:`_captured`)."""
+    if tp > 1:
+        return {"resume": _resume(rank, base, root, tp)}
+    return {"resume": {variant: _captured(_resume_variant, base, root, tp, variant) for variant in VARIANTS},
+            "crash": {stage: _captured(_crash_recovery, base, root, stage) for stage in SAVE_STAGES},
+            "errors": _captured(_errors, base, other_model, root)}
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def tp1(tmp_path_factory):
+def trained(tmp_path_factory):
+    """The TP=1 run (a subprocess, ``killed_run``): three uninterrupted steps per variant with saves after
+    steps 1 and 2, the simulated crashes, then a save of iteration 3 really killed mid-way (``os._exit``).
+    Returns ``(uninterrupted (loss, norm, lr) per variant and step, base, other model, run root)``."""
     from tests._support.tiny_models import make_tiny_checkpoint
 
     tmp = tmp_path_factory.mktemp("ckpt_tp1")
@@ -263,35 +293,75 @@ def tp1(tmp_path_factory):
 
     assert proc.returncode == CRASH_EXIT_CODE, proc.stderr[-3000:]
     uninterrupted = json.loads((root / "uninterrupted.json").read_text())
+    return uninterrupted, base, other, root
+
+
+@pytest.fixture(scope="module")
+def tp1_checks(trained):
+    """One fresh worker process computes, each on its own, the resumes, the crash recoveries and the
+    load errors (a failure is kept as that concern's result); the fixtures below hand out one each."""
+    _, base, other, root = trained
     (result,) = run_distributed(_resume_and_check, 1, tp=1, args=(base, other, root, 1))
-    return uninterrupted, result, root
+    return result
 
 
-def test_resume_is_bitwise_identical_tp1(tp1):
-    uninterrupted, result, _ = tp1
-    for variant in VARIANTS:
-        resumed = result["resume"][variant]
-        assert resumed["iteration"] == 2
-        assert resumed["extra"] == {"consumed_samples": 4, "variant": variant}
-        assert tuple(resumed["step3"]) == tuple(uninterrupted[variant][2]), variant  # loss, grad norm, lr: exact
-        assert resumed["step3_without_rng"][0] != uninterrupted[variant][2][0], "RNG restore is not exercised"
+@pytest.fixture(scope="module")
+def resumed(tp1_checks):
+    """Per variant: the step 3 after loading iteration 2 into a fresh model (and the control step)."""
+    return tp1_checks["resume"]
 
 
-def test_killed_save_leaves_previous_checkpoint(tp1):
-    uninterrupted, result, root = tp1
+@pytest.fixture(scope="module")
+def crash_recovery(trained, tp1_checks):
+    """Per save stage: what loading the copy whose save of iteration 3 died after that stage gave."""
+    simulation_error = trained[3] / SIMULATION_ERROR
+    if simulation_error.exists():
+        pytest.fail(f"simulating the crashes failed in killed_run:\n{simulation_error.read_text()}", pytrace=False)
+    return tp1_checks["crash"]
+
+
+@pytest.fixture(scope="module")
+def load_errors(tp1_checks):
+    """Per way a --load directory can be wrong: the UserError message."""
+    return _unwrap(tp1_checks["errors"], "preparing the broken checkpoints")
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped_adapter(tmp_path_factory, single_process):
+    """The adapter checkpoint of a SmolLM2-135M-shaped model at r=16 (in this process; no training needed)."""
+    return _adapter_size(tmp_path_factory.mktemp("ckpt_smollm2"))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resume_is_bitwise_identical_tp1(trained, resumed, variant):
+    uninterrupted = trained[0]
+    resumed = _unwrap(resumed[variant], f"resuming the {variant} run")
+    assert resumed["iteration"] == 2
+    assert resumed["extra"] == {"consumed_samples": 4, "variant": variant}
+    assert tuple(resumed["step3"]) == tuple(uninterrupted[variant][2]), variant  # loss, grad norm, lr: exact
+    assert resumed["step3_without_rng"][0] != uninterrupted[variant][2][0], "RNG restore is not exercised"
+
+
+def test_killed_save_leaves_previous_checkpoint(trained):
+    root = trained[3]
     from slime.backends.megatron_utils.checkpoint import read_latest_iteration
 
     # The real kill (os._exit mid-save): latest still names 2, the staging dir is all that is left.
     assert read_latest_iteration(root / "lora") == 2
     assert os.readlink(root / "lora" / "adapter") == "iter_0000002/adapter"
     assert not (root / "lora" / "iter_0000003").exists()
-    for stage, crash in result["crash"].items():
-        finished = stage == "latest"
-        assert crash["iteration"] == (3 if finished else 2), stage
-        if not finished:  # resuming from 2 replays the uninterrupted step 3
-            assert tuple(crash["step"]) == tuple(uninterrupted["lora"][2]), stage
-        assert crash["leftovers"] == [], stage
-        assert crash["link"] == "iter_0000004/adapter"
+
+
+@pytest.mark.parametrize("stage", SAVE_STAGES)
+def test_save_crashed_at_each_stage_recovers(trained, crash_recovery, stage):
+    uninterrupted = trained[0]
+    crash = _unwrap(crash_recovery[stage], f"recovering from a crash after the {stage} stage")
+    finished = stage == "latest"
+    assert crash["iteration"] == (3 if finished else 2), stage
+    if not finished:  # resuming from 2 replays the uninterrupted step 3
+        assert tuple(crash["step"]) == tuple(uninterrupted["lora"][2]), stage
+    assert crash["leftovers"] == [], stage
+    assert crash["link"] == "iter_0000004/adapter"
 
 
 @pytest.mark.parametrize("case, words", [
@@ -305,15 +375,15 @@ def test_killed_save_leaves_previous_checkpoint(tp1):
     ("model", ["different model", "hidden_size", "--hf-checkpoint"]),
     ("tp", ["--tensor-model-parallel-size 2", "not supported"]),
 ])
-def test_load_errors_name_the_file_and_flag(tp1, case, words):
-    message = tp1[1]["errors"][case]
+def test_load_errors_name_the_file_and_flag(load_errors, case, words):
+    message = _unwrap(load_errors[case], f"loading the {case} checkpoint")
     assert "\n" not in message
     for word in words:
         assert word in message, (case, message)
 
 
-def test_adapter_of_smollm2_shape_holds_only_lora_tensors(tp1):
-    info = tp1[1]["adapter_size"]
+def test_adapter_of_smollm2_shape_holds_only_lora_tensors(smollm2_shaped_adapter):
+    info = smollm2_shaped_adapter
     r, hidden, ffn, q, kv = 16, 576, 1536, 9 * 64, 3 * 64
     per_layer = r * ((hidden + q) + 2 * (hidden + kv) + (q + hidden) + 2 * (hidden + ffn) + (ffn + hidden))
     expected_bytes = 30 * per_layer * 4  # fp32

@@ -1,8 +1,10 @@
 """Prompt-shared packing gives exactly the log-probs of the unpacked sequences (TP=1 and TP=2)."""
 
+import pytest
 import torch
 
 from tests._support.dist import run_distributed
+from tests._support.numerics import assert_close
 
 VOCAB = 128
 
@@ -52,12 +54,13 @@ def _packed_vs_plain(rank):
     return groups, [len(rows) for rows in plan], torch.cat(packed), torch.cat(plain)
 
 
+@pytest.mark.numerics
 def test_group_packing_is_exact_at_tp1_and_tp2():
     for world in (1, 2):
         for groups, plan, packed, plain in run_distributed(_packed_vs_plain, world):
             assert groups == [[0, 1, 2], [3, 4]] and plan == [2]
             assert packed.shape == plain.shape == (16,)
-            torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+            assert_close(packed, plain, atol=1e-5, rtol=1e-5, what=f"TP={world}: packed vs one sequence per row")
 
 
 def test_packing_saves_the_repeated_prompts():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests._support.dist import run_distributed
+from tests._support.numerics import assert_close
 
 TINY = dict(architectures=["Qwen3ForCausalLM"], num_hidden_layers=2, hidden_size=64, intermediate_size=96,
             num_attention_heads=4, num_key_value_heads=2, head_dim=24, vocab_size=256, tie_word_embeddings=False)
@@ -49,16 +50,17 @@ def tp_runs():
     return run_distributed(_train_three_steps, 1, args=(1,))[0], run_distributed(_train_three_steps, 2, args=(2,))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", ["column", "row"])
 def test_tp2_equals_tp1(tp_runs, kind):
     tp1, tp2 = tp_runs
     logits1, steps1 = tp1[kind]
     for rank_result in tp2:
         logits2, steps2 = rank_result[kind]
-        torch.testing.assert_close(logits2, logits1, rtol=1e-5, atol=1e-5)
-        for (l1, g1), (l2, g2) in zip(steps1, steps2):
-            assert l2 == pytest.approx(l1, rel=1e-5)
-            assert g2 == pytest.approx(g1, rel=1e-5)
+        assert_close(logits2, logits1, rtol=1e-5, atol=1e-5, what=f"{kind}: TP=2 vs TP=1 logits")
+        for step, ((l1, g1), (l2, g2)) in enumerate(zip(steps1, steps2)):
+            assert_close(l2, l1, rtol=1e-5, atol=0, what=f"{kind}: TP=2 vs TP=1 loss, step {step}")
+            assert_close(g2, g1, rtol=1e-5, atol=0, what=f"{kind}: TP=2 vs TP=1 grad norm, step {step}")
     losses = [l for l, _ in steps1]
     assert losses[-1] < losses[0]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from slime.backends.megatron_utils.arch import ModelArch
-from slime.backends.megatron_utils.hf_convert import gather_logits, load_hf_weights
+from slime.backends.megatron_utils.hf_convert import load_hf_weights
 from slime.utils.errors import UserError
 from slime_plugins.lora.lora_layer import lora_modules
 from slime_plugins.lora.peft_io import (
@@ -27,9 +27,13 @@ from slime_plugins.lora.peft_io import (
     peft_adapter_config,
     save_peft_adapter,
 )
+from tests._support.adapters import peft_adapter_with_random_b, randomize_lora_b_
 from tests._support.dist import run_distributed
+from tests._support.logprobs import megatron_logprobs, peft_logprobs, token_logprobs
+from tests._support.numerics import arch_tolerance, assert_close
 from tests._support.tiny_models import make_tiny_checkpoint
 
+pytestmark = pytest.mark.numerics
 TOKENS = torch.tensor([[3, 17, 42, 5, 88, 1, 64, 9, 30, 2], [7, 7, 60, 12, 0, 95, 41, 8, 19, 50]])
 LORA_FLAGS = ["--use-lora", "--lora-r", "4", "--lora-alpha", "8"]
 
@@ -50,50 +54,28 @@ def _build(checkpoint: Path, *flags: str, tp: int = 1):
 
 def _token_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """log p(token_{t+1} | tokens_<=t): ``[b, s-1]``."""
-    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, TOKENS[:, 1:, None]).squeeze(-1)
+    return token_logprobs(logits, TOKENS)
 
 
-@torch.no_grad()
 def _our_logprobs(chunks, arch) -> torch.Tensor:
-    device = next(chunks[0].parameters()).device  # CUDA on a GPU machine
-    pos = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
-    return _token_logprobs(gather_logits(chunks[0](TOKENS.to(device), pos.to(device), None), arch).cpu())
+    return megatron_logprobs(chunks, arch, TOKENS)
 
 
 @torch.no_grad()
+def _hf_logits(base: Path) -> torch.Tensor:
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()(TOKENS).logits
+
+
 def _hf_logprobs(base: Path) -> torch.Tensor:
-    return _token_logprobs(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()(TOKENS).logits)
+    return _token_logprobs(_hf_logits(base))
 
 
-@torch.no_grad()
 def _peft_logprobs(base: Path, adapter: Path) -> torch.Tensor:
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
-    return _token_logprobs(model.eval()(TOKENS).logits)
-
-
-@torch.no_grad()
-def _randomize_b(chunks, seed: int = 0) -> None:
-    """Trained-looking adapters (TP=1 only): B random, so every module changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    for _, layer in lora_modules(chunks[0]):
-        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+    return peft_logprobs(base, adapter, TOKENS)
 
 
 def _lora_state(chunks) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in chunks[0].state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
-
-
-def _peft_trained_adapter(base: Path, out: Path, **config) -> Path:
-    """An adapter made by peft itself: separate q/k/v and gate/up A's, random B."""
-    torch.manual_seed(3)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                           LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **config}))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +84,10 @@ def setup(tmp_path_factory, single_process) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("peft")
     base = make_tiny_checkpoint(root, family="qwen3", head_dim=16)
     chunks, arch, args = _build(base)
-    _randomize_b(chunks)
+    randomize_lora_b_(chunks)
     save_peft_adapter(chunks, arch, args, root / "ours")
-    return {"root": root, "base": base, "ours": root / "ours",
-            "peft": _peft_trained_adapter(base, root / "peft-made")}
+    peft_adapter_with_random_b(base, root / "peft-made", seed=3, b_std=0.3)  # peft's own: separate q/k/v A's
+    return {"root": root, "base": base, "ours": root / "ours", "peft": root / "peft-made"}
 
 
 def test_export_matches_peft_and_round_trips(setup):
@@ -120,11 +102,12 @@ def test_export_matches_peft_and_round_trips(setup):
     assert len(tensors) == 2 * 7 * 2  # 2 layers x 7 HF modules x (A, B)
 
     chunks, arch, args = _build(base)
-    assert (_our_logprobs(chunks, arch) - _hf_logprobs(base)).abs().max() < 1e-6  # B = 0: the base
+    atol = arch_tolerance(arch, _hf_logits(base).abs().max(), log_softmax=True)
+    assert_close(_our_logprobs(chunks, arch), _hf_logprobs(base), atol=atol, rtol=0, what="B = 0 vs base")
     load_peft_adapter(chunks, arch, ours, args)
     expected = _peft_logprobs(base, ours)
     assert (expected - _hf_logprobs(base)).abs().max() > 1e-2  # the adapter matters
-    torch.testing.assert_close(_our_logprobs(chunks, arch), expected, atol=1e-4, rtol=0)
+    assert_close(_our_logprobs(chunks, arch), expected, atol=1e-4, rtol=0, what="our import vs peft")
     assert all(layer.r == 4 for _, layer in lora_modules(chunks[0]))  # identical A's: imported at rank r
     exported = export_peft_adapter(chunks, arch)
     assert exported.keys() == tensors.keys() and all(torch.equal(exported[k], tensors[k]) for k in tensors)
@@ -137,18 +120,19 @@ def test_peft_made_adapter_imports_exactly_at_rank_3r(setup):
     ranks = {name.rsplit(".", 1)[-1]: layer.r for name, layer in lora_modules(chunks[0])}
     assert ranks == {"linear_qkv": 12, "linear_fc1": 8, "linear_proj": 4, "linear_fc2": 4}
     expected = _peft_logprobs(base, made)
-    torch.testing.assert_close(_our_logprobs(chunks, arch), expected, atol=1e-4, rtol=0)
+    assert_close(_our_logprobs(chunks, arch), expected, atol=1e-4, rtol=0, what="peft-made adapter: ours vs peft")
     # Re-exported with rank_pattern / alpha_pattern, peft reads the same model back.
     save_peft_adapter(chunks, arch, args, setup["root"] / "re-exported")
     config = json.loads((setup["root"] / "re-exported" / CONFIG_NAME).read_text())
     assert config["rank_pattern"][r"model\.layers\.0\.self_attn\.q_proj"] == 12
-    torch.testing.assert_close(_peft_logprobs(base, setup["root"] / "re-exported"), expected, atol=1e-4, rtol=0)
+    assert_close(_peft_logprobs(base, setup["root"] / "re-exported"), expected, atol=1e-4, rtol=0,
+                 what="re-exported vs peft-made, both in peft")
 
 
 def test_glob_targets_export_only_the_wrapped_modules(setup, tmp_path):
     base = setup["base"]
     chunks, arch, args = _build(base, "--lora-target-modules", "*.layers.0.*.linear_qkv", "linear_fc2")
-    _randomize_b(chunks, seed=1)
+    randomize_lora_b_(chunks, seed=1)
     save_peft_adapter(chunks, arch, args, tmp_path / "glob")
     config = json.loads((tmp_path / "glob" / CONFIG_NAME).read_text())
     qkv0 = [f"model.layers.0.self_attn.{p}_proj" for p in "kqv"]
@@ -160,7 +144,8 @@ def test_glob_targets_export_only_the_wrapped_modules(setup, tmp_path):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "glob")
     wrapped = {n for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == set(qkv0 + fc2)
-    torch.testing.assert_close(_our_logprobs(chunks, arch), _peft_logprobs(base, tmp_path / "glob"), atol=1e-4, rtol=0)
+    assert_close(_our_logprobs(chunks, arch), _peft_logprobs(base, tmp_path / "glob"), atol=1e-4, rtol=0,
+                 what="glob targets: ours vs peft")
 
 
 def test_save_replaces_an_existing_directory_atomically(setup, tmp_path):
@@ -243,7 +228,7 @@ def test_tp2_import_export_match_tp1_and_peft(setup):
     for name, adapter in (("ours", ours), ("made", made)):
         expected = _peft_logprobs(base, adapter)
         for rank_result in results:
-            torch.testing.assert_close(rank_result[name], expected, atol=1e-4, rtol=0, msg=name)
-        torch.testing.assert_close(_peft_logprobs(base, out / name), expected, atol=1e-4, rtol=0)
+            assert_close(rank_result[name], expected, atol=1e-4, rtol=0, what=f"{name}: TP=2 import vs peft")
+        assert_close(_peft_logprobs(base, out / name), expected, atol=1e-4, rtol=0, what=f"{name}: TP=2 export in peft")
     tp1, tp2 = load_file(ours / WEIGHTS_NAME), load_file(out / "ours" / WEIGHTS_NAME)
     assert tp1.keys() == tp2.keys() and all(torch.equal(tp1[k], tp2[k]) for k in tp1)
