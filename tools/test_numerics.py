@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/test_numerics.py            # the default settings this CPU can run
     .venv/bin/python tools/test_numerics.py --settings native avx2+mkl-avx2 -- -k peft
+    .venv/bin/python tools/test_numerics.py --logs native=a.jsonl avx2=b.jsonl   # tabulate only
 
 A parity test compares two fp32 computations that round differently; which kernels run (and so
 how they round) depends on the CPU: PyTorch picks its vectorised kernels by
@@ -11,6 +12,8 @@ CPU will see.  Each setting runs ``pytest -m numerics`` with ``SLIME_NUMERICS_LO
 ``tests._support.numerics.assert_close`` appends its observed error; the table then shows, per
 assertion, the worst error under each setting, the tolerance, and the margin (tolerance / worst
 allowed error ratio; under 10x is flagged).  Exit status: non-zero if any setting's pytest failed.
+``--logs`` tabulates logs recorded elsewhere, e.g. by a whole ``make test`` run with
+``SLIME_NUMERICS_LOG`` exported (every ``assert_close`` records, marked or not).
 """
 
 from __future__ import annotations
@@ -97,8 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=None,
                         help=f"default: {' '.join(DEFAULT_SETTINGS)} (avx512 only where the CPU has it)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
+    parser.add_argument("--logs", nargs="+", metavar="NAME=PATH", default=None,
+                        help="run nothing: tabulate these recorded logs, one column each")
     parser.add_argument("pytest_args", nargs="*", help="after --: passed to pytest (e.g. -k peft)")
     args = parser.parse_args(argv)
+    if args.logs:
+        logs = dict(item.split("=", 1) for item in args.logs)
+        lines = format_table(worst_per_assertion({k: Path(v) for k, v in logs.items()}), list(logs))
+        print("\n".join(lines))
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n")
+        return 0
     settings = args.settings or [s for s in DEFAULT_SETTINGS if s != "avx512" or cpu_has_avx512()]
     failed = []
     with tempfile.TemporaryDirectory(prefix="numerics-") as tmp:
