@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from tests._support.dist import run_distributed
-from tests._support.numerics import arch_tolerance, assert_close
+from tests._support.numerics import arch_tolerance, assert_close, fp32_tolerance
+from tests._support.tiny_models import BASE_CONFIG
 
 
 def _held_storages(root) -> dict[int, int]:
@@ -147,6 +148,12 @@ def test_stale_rollout_fails_the_run(result):
 # exercised (the LoRA runs of tests/test_train.py freeze them).  fp32, same tolerances as there.
 PARALLEL_RTOL = 1e-5
 PARALLEL_LOSS_ATOL = 1e-7
+# The reported grad norm averages the two steps', and step 2's gradient is taken after an AdamW
+# update, which normalises every gradient entry (rounding in a tiny entry moves its weight as much
+# as a large one): a forward and a backward chain of (layers + 1) reductions each, relative to
+# the norm.  Measured up to 1.4e-6 relative (AVX2 kernels): within 10x of a flat 1e-5.
+GRAD_NORM_RTOL = fp32_tolerance(1.0, 2 * (BASE_CONFIG["num_hidden_layers"] + 1),
+                                max(BASE_CONFIG["hidden_size"], BASE_CONFIG["intermediate_size"]))
 
 
 def _full_finetuning_update(rank, checkpoint, tp, sequence_parallel):
@@ -205,7 +212,9 @@ def test_full_finetuning_tp2_equals_tp1(qwen3_checkpoint, full_finetuning_tp1, s
         for rank, result in enumerate(ranks):
             assert_close(result["grad_norms"][name], expected, rtol=PARALLEL_RTOL, atol=0.0,
                          what=f"rank {rank} gradient norm of {name}")
-    for key in ("train/grad_norm", "train/kl", "train/entropy"):
+    for key in ("train/kl", "train/entropy"):
         assert_close(ranks[0]["metrics"][key], reference["metrics"][key], rtol=PARALLEL_RTOL, atol=0.0, what=key)
+    assert_close(ranks[0]["metrics"]["train/grad_norm"], reference["metrics"]["train/grad_norm"], rtol=GRAD_NORM_RTOL,
+                 atol=0.0, what="train/grad_norm")
     assert_close(ranks[0]["metrics"]["train/loss"], reference["metrics"]["train/loss"], rtol=PARALLEL_RTOL,
                  atol=PARALLEL_LOSS_ATOL, what="train/loss")
