@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tests._support.dist import run_distributed
-from tests._support.numerics import arch_tolerance, assert_close, fp32_tolerance
+from tests._support.numerics import SAFETY, UNIT_ROUNDOFF_FP32, arch_tolerance, assert_close, fp32_tolerance
 from tests._support.tiny_models import BASE_CONFIG
 
 
@@ -152,6 +152,10 @@ PARALLEL_LOSS_ATOL = 1e-7
 # update, which normalises every gradient entry (rounding in a tiny entry moves its weight as much
 # as a large one): a forward and a backward chain of (layers + 1) reductions each, relative to
 # the norm.  Measured up to 1.4e-6 relative (AVX2 kernels): within 10x of a flat 1e-5.
+# KL (low_var_kl, exp(r) - 1 - r per token, r = log-ratio to the reference ~ 1e-2 after one small
+# step): exp(r) ~ 1 rounds with an absolute error ~u, so the token mean is off by ~u, however small
+# the KL itself is (3e-5 here; 2.6e-4 relative seen under ATEN_CPU_CAPABILITY=default).
+KL_ATOL = 2 * SAFETY * UNIT_ROUNDOFF_FP32
 GRAD_NORM_RTOL = fp32_tolerance(1.0, 2 * (BASE_CONFIG["num_hidden_layers"] + 1),
                                 max(BASE_CONFIG["hidden_size"], BASE_CONFIG["intermediate_size"]))
 
@@ -212,8 +216,10 @@ def test_full_finetuning_tp2_equals_tp1(qwen3_checkpoint, full_finetuning_tp1, s
         for rank, result in enumerate(ranks):
             assert_close(result["grad_norms"][name], expected, rtol=PARALLEL_RTOL, atol=0.0,
                          what=f"rank {rank} gradient norm of {name}")
-    for key in ("train/kl", "train/entropy"):
-        assert_close(ranks[0]["metrics"][key], reference["metrics"][key], rtol=PARALLEL_RTOL, atol=0.0, what=key)
+    assert_close(ranks[0]["metrics"]["train/entropy"], reference["metrics"]["train/entropy"], rtol=PARALLEL_RTOL,
+                 atol=0.0, what="train/entropy")
+    assert_close(ranks[0]["metrics"]["train/kl"], reference["metrics"]["train/kl"], rtol=PARALLEL_RTOL, atol=KL_ATOL,
+                 what="train/kl")
     assert_close(ranks[0]["metrics"]["train/grad_norm"], reference["metrics"]["train/grad_norm"], rtol=GRAD_NORM_RTOL,
                  atol=0.0, what="train/grad_norm")
     assert_close(ranks[0]["metrics"]["train/loss"], reference["metrics"]["train/loss"], rtol=PARALLEL_RTOL,
