@@ -19,8 +19,8 @@ import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from slime.backends.megatron_utils.loss import group_advantages
 from slime.ray.actor_group import get_all
+from slime.rollout.batch import group_advantages
 from slime.rollout.data import PromptDataset, Sample
 from slime.rollout.engine import SamplingParams
 from slime.rollout.hf_engine import HFRolloutEngine

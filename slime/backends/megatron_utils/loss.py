@@ -1,4 +1,4 @@
-"""Token log-probs, advantages and the clipped policy-gradient loss.
+"""Token log-probs and the clipped policy-gradient loss (advantages come with the rollout: slime.rollout.batch).
 
 Notation per response token t of sample i: ``logp`` is log pi_theta(y_t | x, y_<t) at the
 rollout temperature T (``log_softmax(logits / T)``, exactly what the rollout engine reports),
@@ -13,8 +13,6 @@ Averaging is token-level over the whole global batch (not per sample), as in DAP
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 
@@ -44,22 +42,6 @@ def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, voca
     lp = log_probs if with_entropy else log_probs.detach()
     entropy = -(lp.exp() * lp).sum(-1)
     return logp, entropy
-
-
-def group_advantages(rewards: Sequence[float], group_size: int, estimator: str = "grpo") -> torch.Tensor:
-    """One advantage per sample; samples of a prompt are ``group_size`` consecutive entries.
-
-    grpo: ``(r - mean_g) / (std_g + 1e-6)``; dr_grpo: ``r - mean_g``; reinforce: ``r``.
-    A group whose rewards are all equal gets zero advantage: it carries no signal.
-    """
-    r = torch.tensor(rewards, dtype=torch.float32)
-    if estimator == "reinforce":
-        return r
-    groups = r.view(-1, group_size)
-    centred = groups - groups.mean(dim=1, keepdim=True)
-    if estimator == "grpo" and group_size > 1:
-        centred = centred / (groups.std(dim=1, keepdim=True) + 1e-6)
-    return centred.reshape(-1)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
