@@ -44,9 +44,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from slime.utils.allocator import CHOICES, allocator_env  # imports only the stdlib
+from slime.utils.atomic import write_json_atomically  # stdlib only too
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from slime.utils.allocator import CHOICES, allocator_env  # noqa: E402  (stdlib only)
 
 SMOLLM2_135M: dict = {
     "architectures": ["LlamaForCausalLM"],
@@ -365,12 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"benchmark wall time: {time.perf_counter() - started:.0f} s")
     if opts.json:
-        tmp = Path(opts.json).with_suffix(".tmp")
         results = {"full": asdict(full), "lora": asdict(lora)}
         if reference is not None:
             results["full_at_lora_micro_batch"] = asdict(reference)
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, opts.json)
+        write_json_atomically(opts.json, results)
     return 0
 
 

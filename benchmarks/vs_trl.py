@@ -44,12 +44,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from slime.rollout.rm import extract_final_number
+from slime.utils.atomic import write_text_atomically
+from slime.utils.errors import UserError, run_main
+from slime.utils.metrics import METRICS_FILE, STEP_KEY, read_metrics
 
-from slime.rollout.rm import extract_final_number  # noqa: E402
-from slime.utils.errors import UserError, run_main  # noqa: E402
-from slime.utils.metrics import METRICS_FILE, STEP_KEY, read_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DEMO = REPO / "examples" / "lora" / "run-smollm2-135m-lora.sh"
 MODEL_NAME = "smollm2-135m-instruct"
@@ -414,12 +414,6 @@ def format_report(trl: RunResult | None, ours: RunResult | None, command: str) -
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def prepare_inputs(out: Path) -> tuple[Path, Path]:
     """(model dir, data dir): the offline model and the demo's a+b data under ``out/data``."""
     py = sys.executable
@@ -455,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = parse_cli(argv)
     if opts.child == "trl":
         result = run_trl_child(opts.model_dir, opts.data_dir, opts.out, opts.steps)
-        _write_atomic(opts.out / "result.json", json.dumps(asdict(result), default=str))
+        write_text_atomically(opts.out / "result.json", json.dumps(asdict(result), default=str))
         return
     out = opts.out or REPO / "outputs" / "vs_trl" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     for system in ("trl", "ours"):
@@ -469,9 +463,9 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
     report = format_report(trl, ours, command)
     print(report, flush=True)
-    _write_atomic(out / "report.txt", report + "\n")
-    _write_atomic(out / "results.json", json.dumps({r.system: asdict(r) for r in (trl, ours) if r}, indent=2,
-                                                   default=str))
+    write_text_atomically(out / "report.txt", report + "\n")
+    write_text_atomically(out / "results.json", json.dumps({r.system: asdict(r) for r in (trl, ours) if r}, indent=2,
+                                                           default=str))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from slime.utils.allocator import LIBRARY, find_tcmalloc, venv_native_dir  # noqa: E402
+from slime.utils.allocator import LIBRARY, find_tcmalloc, venv_native_dir
+from slime.utils.atomic import write_file_atomically
 
 PACKAGE = "libtcmalloc-minimal4"
 
@@ -31,9 +30,7 @@ def fetch(dest_dir: Path) -> Path:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "root")], check=True)
         lib = next((Path(tmp) / "root").rglob(LIBRARY)).resolve()
         dest_dir.mkdir(parents=True, exist_ok=True)
-        staged = dest_dir / f".{LIBRARY}.tmp"
-        shutil.copyfile(lib, staged)
-        os.replace(staged, dest_dir / LIBRARY)
+        write_file_atomically(dest_dir / LIBRARY, lambda staged: shutil.copyfile(lib, staged))
         print(f"tcmalloc: {deb.name} -> {dest_dir / LIBRARY}")
     return dest_dir / LIBRARY
 

@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
-# One short check of the megatron trainer + LoRA on a CUDA machine (megatron's real CUDA paths:
-# cpu_compat is inactive when CUDA is present). Made for the lent GPU machine of this workplace
-# (python3 with torch/transformers/peft, no megatron-core, no ray, no network), run from the repo root:
+# Checks of the megatron trainer + LoRA on megatron-core's real CUDA paths (cpu_compat is inactive
+# when CUDA is present). Run from anywhere, on a machine with a CUDA GPU:
 #
-#   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420)
+#   bash tools/gpu_check.sh                      # all parts, logs under /tmp/gpu_check
+#   OUT=/tmp/my_check PARTS=12 bash tools/gpu_check.sh
 #
-# after `pip download` of megatron-core 0.16.1 (cp312, manylinux x86_64) into .whl/ (README of the
-# device tool). Elsewhere: OUT=/tmp/gpu_check bash tools/gpu_check.sh (needs megatron-core importable).
-# PARTS=12 runs only parts 1 and 2 (default 123). Logs go to $OUT/log (and $OUT/pytest*.log); the exit status is non-zero when a required part failed.
+# Needs: python3 (or PY=/path/to/python) with CUDA torch, transformers, peft, safetensors, numpy,
+# pytest and megatron-core 0.16.1, e.g. the project installed with `make setup` (then
+# PY=.venv/bin/python) or `pip install -e '.[test]'`. Ray is not needed. The repository root is put
+# on PYTHONPATH by the script, and PY may be relative to it. On a machine without network: when
+# megatron-core is not importable and .whl/ holds wheels (e.g. `pip download --no-deps -d .whl
+# megatron-core==0.16.1` run elsewhere for the same Python and platform), they are installed into
+# /tmp/site first.
+#
+# Environment: OUT (log directory, default /tmp/gpu_check), PARTS (which parts to run, default 123),
+# PY (the python to use, default python3).
 #
 # Parts:
-#   1. python3 slime_plugins/lora/test_lora.py            (the guide's self-check, on CUDA)
+#   1. slime_plugins/lora/test_lora.py                 (the LoRA self-check, on CUDA)
 #   2. inline CUDA checks (HF logits parity, export round trip, PEFT parity, LoRA training,
 #      bf16 step, checkpoint save/resume, NCCL grad-norm reduction)
 #   3. pytest subset for one GPU (actor train step on packed batches, HF loading/errors and logits
-#      parity, LoRA layer units, the LoRA optimizer contents, PEFT export parity), -x; left out:
-#      TP=2 / PP=2 (two GPUs) and SmolLM2 (not on the device)
-# Last run (2026-11-28, this commit's tests): one NVIDIA H200 (torch 2.11.0+cu130, megatron-core
-#   0.16.1 from wheels), 154 s wall: part 1 all 12 checks ok; part 2 "inline checks: all passed"
-#   (21 ok lines: HF logits diff <= 1.3e-6 for 6 shapes, peft parity 1.3e-6, exact adapter import,
-#   LoRA training with fused AdamW on CUDA, resume bitwise, bf16 steps); part 3 86 passed,
-#   3 deselected (TP=2 / PP=2 / SmolLM2).
+#      parity, LoRA layer units, input recompute, the LoRA optimizer contents, PEFT export
+#      parity), -x; left out: TP=2 / PP=2 (two GPUs) and SmolLM2 (needs the prepared model)
+#
+# Prints: GPU and library versions, a header per part with the elapsed seconds, one "ok"/"FAIL"
+# line per inline check, pytest's summary, and last "gpu_check: PASSED in N s" (or FAILED). The
+# same output goes to $OUT/log, pytest's to $OUT/pytest.log. Exit status: 0 when every part run
+# passed, 1 when one failed, 3 when installing .whl/ failed, 4 when the imports failed.
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -54,6 +61,7 @@ import torch
 
 from slime.backends.megatron_utils import hf_convert as hc
 from slime.backends.megatron_utils.arch import ModelArch
+from slime.backends.megatron_utils.parallel import gather_vocab
 from slime.backends.megatron_utils.model import get_model, initialize_model_and_optimizer
 from slime.backends.megatron_utils.parallel import init_parallel
 from slime.utils.arguments import parse_args
@@ -68,7 +76,7 @@ def check(what, ok, detail=""):
 
 cuda = torch.cuda.is_available()
 print("cuda available:", cuda, "| cpu_compat active:", not cuda)
-if cuda:  # the pattern the old grad norm used: a CPU accumulator fed CUDA norms
+if cuda:  # whether a CPU accumulator can take CUDA norms in this torch (informational)
     try:
         acc = torch.zeros((), dtype=torch.float64); acc += torch.ones((), device="cuda", dtype=torch.float64)
         print("note: CPU += CUDA 0-dim worked here")
@@ -85,7 +93,7 @@ ids_cpu = torch.randint(0, 96, (2, 10), generator=g)
 def build(path, *flags):
     args = parse_args(["--hf-checkpoint", str(path), *flags])
     arch = ModelArch.from_checkpoint(path)
-    chunks = get_model(args, arch)
+    chunks = get_model(args, arch, args.lora)
     hc.load_hf_weights(chunks, arch, path)
     for c in chunks:
         c.eval()
@@ -96,7 +104,7 @@ def our_logits(chunks, arch, ids):
     dev = next(chunks[0].parameters()).device
     ids = ids.to(dev)
     pos = torch.arange(ids.shape[1], device=dev).expand_as(ids)
-    return hc.gather_logits(chunks[0](ids, pos, None), arch).float().cpu()
+    return gather_vocab(chunks[0](ids, pos, None), arch.vocab_size).float().cpu()
 
 @torch.no_grad()
 def hf_logits(path, ids):
@@ -129,18 +137,18 @@ with torch.no_grad():
     for _, layer in lora_modules(chunks[0]):
         layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
 ours = our_logits(chunks, arch, ids_cpu)
-save_peft_adapter(chunks, arch, args, root / "adapter")
+save_peft_adapter(chunks, arch, args.lora, root / "adapter", str(base))
 with torch.no_grad():
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), root / "adapter").eval()
     theirs = peft_model(ids_cpu).logits
 diff = (ours - theirs).abs().max().item()
 check("LoRA model (B random) == peft on our exported adapter", diff < 1e-4, f"max diff {diff:.2e}")
 chunks2, _, args2 = build(base, *lora_flags)
-load_peft_adapter(chunks2, arch, root / "adapter", args2)
+load_peft_adapter(chunks2, arch, root / "adapter", args2.lora)
 diff = (our_logits(chunks2, arch, ids_cpu) - ours).abs().max().item()
 check("adapter import into a fresh model is exact", diff == 0.0, f"max diff {diff:.2e}")
 
-# (c) LoRA training on the device: loss falls, only adapters move, optimizer state on device,
+# (c) LoRA training on the GPU: loss falls, only adapters move, optimizer state on the GPU,
 #     grad norm (NCCL-safe accumulator) finite
 def train_steps(built, steps, ids):
     model, opt = built.model[0], built.optimizer
@@ -189,7 +197,7 @@ close = all(abs(x - y) <= 1e-6 * max(1.0, abs(y)) for x, y in zip(resumed, step3
 check("checkpoint resume: step 3 (loss, grad norm, lr) equal to 1e-6 (dropout 0.1: RNG restored)", close,
       f"bitwise={resumed == step3} {resumed} vs {step3}")
 
-# (e) bf16 LoRA step on the device
+# (e) bf16 LoRA step on the GPU
 try:
     torch.manual_seed(0)
     bb = initialize_model_and_optimizer(parse_args(train_flags + ["--bf16"]))

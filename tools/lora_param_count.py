@@ -31,23 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    # Run as a script: make the repository root importable for `slime`.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from slime.utils.errors import UserError, run_main
 
-from slime.utils.errors import UserError, run_main  # noqa: E402
-
-from slime_plugins.lora.lora_layer import ALL_LINEAR as MEGATRON_TARGETS  # noqa: E402
-from slime_plugins.lora.lora_layer import HF_TO_MEGATRON_TARGETS  # noqa: E402
-
-# HF module names map onto the fused module that contains them (one table, in lora_layer.py).
-TARGET_ALIASES: dict[str, str] = {**HF_TO_MEGATRON_TARGETS, **{name: name for name in MEGATRON_TARGETS}}
-ALL_LINEAR = "all-linear"
+from slime.utils.lora_config import ALL_LINEAR as MEGATRON_TARGETS
+from slime.utils.lora_config import ALL_LINEAR_FLAG as ALL_LINEAR
+from slime.utils.lora_config import HF_ALIASES
+from slime.utils.lora_config import resolve_targets as resolve_flag_targets
 
 _QWEN3_BASE = {
     "model_type": "qwen3",
@@ -168,19 +161,14 @@ def lora_param_count(d: Dims, r: int, targets: Sequence[str]) -> int:
 def resolve_targets(names: Sequence[str]) -> list[str]:
     """Map Megatron names, HF aliases and ``all-linear`` (comma lists allowed) to
     the fused Megatron module names, in canonical order, each once."""
-    chosen: set[str] = set()
-    for name in (part.strip() for item in names for part in item.split(",")):
-        if not name:
-            continue
-        if name == ALL_LINEAR:
-            chosen.update(MEGATRON_TARGETS)
-        elif name in TARGET_ALIASES:
-            chosen.add(TARGET_ALIASES[name])
-        else:
-            known = ", ".join([*TARGET_ALIASES, ALL_LINEAR])
-            raise UserError(f"--lora-target-modules: unknown module {name!r} (known: {known})")
-    if not chosen:
+    parts = [part.strip() for item in names for part in item.split(",") if part.strip()]
+    unknown = [name for name in parts if name not in (*MEGATRON_TARGETS, *HF_ALIASES, ALL_LINEAR)]
+    if unknown:
+        known = ", ".join([*HF_ALIASES, *MEGATRON_TARGETS, ALL_LINEAR])
+        raise UserError(f"--lora-target-modules: unknown module {unknown[0]!r} (known: {known})")
+    if not parts:
         raise UserError("--lora-target-modules: no module given")
+    chosen = set(resolve_flag_targets(parts))
     return [t for t in MEGATRON_TARGETS if t in chosen]
 
 

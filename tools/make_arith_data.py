@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slime.utils.errors import run_main  # noqa: E402
+from slime.utils.atomic import write_file_atomically
+from slime.utils.errors import run_main
 
 OPERAND_MAX = 20
 OPS: dict[str, tuple[str, Callable[[int, int], int]]] = {
@@ -52,11 +49,12 @@ def make_split(split: str, seed: int, n: int, op: str) -> list[dict[str, Any]]:
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    write_file_atomically(path, write)
 
 
 def _non_negative(text: str) -> int:

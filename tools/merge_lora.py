@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    # Run as a script: make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from safetensors import SafetensorError, safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from slime.utils.errors import UserError, run_main  # noqa: E402
-from slime_plugins.lora.peft_io import PeftAdapter, read_peft_adapter, write_dir_atomically  # noqa: E402
+from slime.utils.atomic import write_dir_atomically
+from slime.utils.errors import UserError, run_main
+from slime.utils.peft_format import PeftAdapter, foreign_base_error, read_peft_adapter
 
 
 def weight_files(base: Path) -> list[Path]:
@@ -51,11 +47,11 @@ def _load(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
         raise UserError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
 
 
-def merge_delta_(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, where: str) -> torch.Tensor:
+def merge_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, where: str,
+                module: str) -> torch.Tensor:
     """``weight + scaling * B @ A`` (``B: [out, r]``, ``A: [r, in]``, ``weight: [out, in]``), computed in fp32."""
     if (b.shape[0], a.shape[1]) != tuple(weight.shape):
-        raise UserError(f"{where}: adapter delta is [{b.shape[0]}, {a.shape[1]}] but the base weight is "
-                        f"{list(weight.shape)}; the adapter was trained on another model")
+        raise UserError(foreign_base_error(where, module, a, b, weight.shape))
     merged = weight.float() + scaling * (b.float() @ a.float())
     return merged.to(weight.dtype)
 
@@ -80,21 +76,29 @@ def merge_lora(base: str | Path, adapter_dir: str | Path, output: str | Path) ->
 
 
 def _locate_modules(adapter: PeftAdapter, files: Sequence[Path]) -> dict[Path, list[str]]:
-    """Which file holds each adapted module's ``<module>.weight``; unknown modules are errors."""
-    where: dict[str, Path] = {}
+    """Which file holds each adapted module's ``<module>.weight``.
+
+    An adapter of another base model is reported as that (a module whose ``B A`` does not fit
+    the base weight, both shapes named) before any module the base lacks.
+    """
+    where: dict[str, tuple[Path, list[int]]] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
-                where.update((key, file) for key in handle.keys())
+                where.update((key, (file, handle.get_slice(key).get_shape())) for key in handle.keys())
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+    for module, (a, b) in adapter.modules.items():
+        found = where.get(f"{module}.weight")
+        if found is not None and [b.shape[0], a.shape[1]] != list(found[1]):
+            raise UserError(foreign_base_error(adapter.path, module, a, b, found[1]))
     located: dict[Path, list[str]] = {}
     for module in adapter.modules:
-        file = where.get(f"{module}.weight")
-        if file is None:
+        found = where.get(f"{module}.weight")
+        if found is None:
             raise UserError(f"{adapter.path}: module {module} is not in the base checkpoint "
                             f"(no {module}.weight); the adapter was trained on another model")
-        located.setdefault(file, []).append(module)
+        located.setdefault(found[0], []).append(module)
     return located
 
 
@@ -102,8 +106,8 @@ def _write_merged_file(src: Path, dst: Path, adapter: PeftAdapter, modules: list
     tensors, metadata = _load(src)
     for module in modules:
         a, b = adapter.modules[module]
-        tensors[f"{module}.weight"] = merge_delta_(tensors[f"{module}.weight"], a, b, adapter.scaling(module),
-                                                   where=f"{adapter.path}: module {module}")
+        tensors[f"{module}.weight"] = merge_delta(tensors[f"{module}.weight"], a, b, adapter.scaling(module),
+                                                  where=str(adapter.path), module=module)
     save_file(tensors, str(dst), metadata=metadata or {"format": "pt"})
 
 

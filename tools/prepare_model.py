@@ -10,13 +10,9 @@ The cache directory defaults to $SLIME_CACHE_DIR, else ~/.cache/slime/models.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slime.utils.errors import run_main  # noqa: E402
-from slime.utils.model_prep import KNOWN_MODELS, prepare_model  # noqa: E402
+from slime.utils.errors import run_main
+from slime.utils.model_prep import KNOWN_MODELS, prepare_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,6 +28,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from slime.utils.atomic import write_text_atomically
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: dict[str, dict[str, str]] = {
     "native": {},
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = format_table(worst_per_assertion({k: Path(v) for k, v in logs.items()}), list(logs))
         print("\n".join(lines))
         if args.out:
-            args.out.write_text("\n".join(lines) + "\n")
+            write_text_atomically(args.out, "\n".join(lines) + "\n")
         return 0
     settings = args.settings or [s for s in DEFAULT_SETTINGS if s != "avx512" or cpu_has_avx512()]
     failed = []
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = format_table(worst_per_assertion(logs), settings)
     print("\n".join(lines))
     if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+        write_text_atomically(args.out, "\n".join(lines) + "\n")
     if failed:
         print(f"failed under: {', '.join(failed)}")
     return 1 if failed else 0

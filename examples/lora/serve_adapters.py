@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from slime.rollout.engine import SamplingParams  # noqa: E402
-from slime.rollout.hf_engine import HFRolloutEngine  # noqa: E402
-from slime.rollout.rm import extract_final_number  # noqa: E402
-from slime.utils.errors import UserError, run_main  # noqa: E402
+from slime.rollout.engine import SamplingParams
+from slime.rollout.hf_engine import HFRolloutEngine
+from slime.rollout.rm import extract_final_number
+from slime.utils.errors import UserError, run_main
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:

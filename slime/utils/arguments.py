@@ -12,8 +12,7 @@ import sys
 
 from slime.utils import allocator
 from slime.utils.errors import EXIT_USER_ERROR, UserError
-
-DEFAULT_LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+from slime.utils.lora_config import ALL_LINEAR, LoraConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,7 +130,7 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--lora-r", type=int, default=8, help="rank r of the adapters")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="scaling is alpha / r")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input")
-    g.add_argument("--lora-target-modules", type=str, nargs="+", default=list(DEFAULT_LORA_TARGETS),
+    g.add_argument("--lora-target-modules", type=str, nargs="+", default=list(ALL_LINEAR),
                    help="Megatron module names (linear_qkv linear_proj linear_fc1 linear_fc2), their HF aliases "
                         "(q_proj ... down_proj), 'all-linear', or globs over dotted names")
     g.add_argument("--lora-only-trainable", action=argparse.BooleanOptionalAction, default=True,
@@ -158,20 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_lora_args(args: argparse.Namespace) -> list[str]:
-    from slime_plugins.lora.lora_layer import ALL_LINEAR, HF_TO_MEGATRON_TARGETS, validate_lora_hparams
-
-    if not args.use_lora:
-        return []
-    errors = validate_lora_hparams(args.lora_r, args.lora_alpha, args.lora_dropout)
-    known = set(ALL_LINEAR) | set(HF_TO_MEGATRON_TARGETS) | {"all-linear"}
-    for target in args.lora_target_modules:
-        if target not in known and not set("*?[") & set(target):
-            errors.append(f"--lora-target-modules: unknown module '{target}' (use {' '.join(ALL_LINEAR)}, "
-                          f"HF names like q_proj, 'all-linear', or a glob such as '*.layers.0.*.linear_qkv')")
-    if args.lora_recompute_input and isinstance(args.lora_dropout, (int, float)) and args.lora_dropout > 0:
-        errors.append("--lora-recompute-input needs --lora-dropout 0 (a dropped-out input cannot be recomputed "
-                      "from the norm/SwiGLU that made it); drop one of the two flags")
-    return errors
+    config = LoraConfig.from_args(args)
+    return config.errors() if config is not None else []
 
 
 def validate_args(args: argparse.Namespace) -> list[str]:
@@ -234,6 +221,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.check_logprob_gap = 5e-2 if args.bf16 else 1e-3
     if args.num_rollout is None and args.num_epoch is None:
         args.num_rollout = 1
+    args.lora = LoraConfig.from_args(args)  # what the trainer, PEFT I/O and checkpoints read
     return args
 
 

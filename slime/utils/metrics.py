@@ -23,11 +23,11 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
+from slime.utils.atomic import write_file_atomically, write_text_atomically
 from slime.utils.errors import UserError
 
 REWARD_KEY = "rollout/reward_mean"
@@ -73,13 +73,6 @@ def read_metrics(path: str | os.PathLike) -> list[Row]:
     return rows
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False, encoding="utf-8") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def _keep_rows_before(path: Path, resume_step: int) -> None:
     """Rewrite ``path`` with only the rows logged before ``resume_step`` (atomically).
 
@@ -88,7 +81,7 @@ def _keep_rows_before(path: Path, resume_step: int) -> None:
     """
     fresh = resume_step == 0 or not path.exists()
     kept = [] if fresh else [row for row in read_metrics(path) if row[STEP_KEY] < resume_step]
-    _write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+    write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 class _Sink(Protocol):
@@ -148,7 +141,7 @@ def _wandb_run_id(log_dir: Path, resume_step: int) -> str:
     if resume_step > 0 and id_file.exists():
         return id_file.read_text(encoding="utf-8").strip()
     run_id = secrets.token_hex(8)
-    _write_text_atomic(id_file, run_id + "\n")
+    write_text_atomically(id_file, run_id + "\n")
     return run_id
 
 
@@ -286,7 +279,8 @@ def _draw_panel(ax: Any, rows: list[Row], key: str, title: str, empty_text: str 
 def plot_curves(rows: list[Row], path: str | os.PathLike, title: str = "RL run") -> None:
     """A 2x2 PNG of reward (with eval markers), response length, loss and KL against rollout id.
 
-    Written to a temporary file and ``os.replace``-d, so a viewer never sees half an image.
+    Written atomically (:func:`~slime.utils.atomic.write_file_atomically`), so a viewer never
+    sees half an image.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -306,11 +300,7 @@ def plot_curves(rows: list[Row], path: str | os.PathLike, title: str = "RL run")
     _draw_panel(kl, rows, KL_KEY, "KL to the reference policy", empty_text="KL not used")
     fig.suptitle(title)
 
-    path = Path(path)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".png",
-                                     delete=False) as f:
-        fig.savefig(f, format="png", dpi=100)
-    os.replace(f.name, path)
+    write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 # -- terminal output -----------------------------------------------------------

@@ -7,21 +7,21 @@ checkpoint directory (fp32 safetensors + tokenizer with its chat template)
 under a cache directory, once.  Later calls return the cached path at once.
 
 The checkpoint appears atomically: it is built in a temporary sibling directory
-and ``os.replace``-d into place, so a killed run never leaves half a checkpoint.
+and renamed into place (:func:`slime.utils.atomic.write_dir_atomically`), so a
+killed run never leaves half a checkpoint.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from slime.utils.atomic import write_dir_atomically, write_json_atomically
 from slime.utils.errors import UserError
 
 CACHE_ENV_VAR = "SLIME_CACHE_DIR"
@@ -72,16 +72,12 @@ def prepare_model(name: str, cache_dir: str | os.PathLike[str] | None = None) ->
     if is_prepared(target):
         return target
     gguf_file = _locate_gguf(source)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling temp dir keeps os.replace on one filesystem (hence atomic).
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-    try:
+
+    def fill(staging: Path) -> None:
         _convert_gguf(gguf_file, staging)
         _write_origin(staging, name, source, gguf_file)
-        _publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    _publish(target, fill)
     return target
 
 
@@ -155,15 +151,31 @@ def _write_origin(out_dir: Path, name: str, source: GgufSource, gguf_file: Path)
             "weights. Built by slime/utils/model_prep.py."
         ),
     }
-    (out_dir / "ORIGIN.json").write_text(json.dumps(origin, indent=2) + "\n")
+    write_json_atomically(out_dir / "ORIGIN.json", origin)
 
 
-def _publish(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target`` atomically; a concurrent winner is kept as is."""
-    if target.exists() and not is_prepared(target):
-        shutil.rmtree(target)  # an incomplete directory someone left by hand
+class _AlreadyPrepared(Exception):
+    """Raised inside the staging fill when another process published the model meanwhile."""
+
+
+def _publish(target: Path, fill: Callable[[Path], None]) -> None:
+    """``fill`` a staging directory and publish it as ``target`` (:func:`write_dir_atomically`).
+
+    A concurrent winner, a complete ``target`` that appeared while this process was converting,
+    is kept as is: the staging copy is dropped instead of swapped in (checked after the
+    conversion, the slow part; a winner landing in the instant between that check and the swap
+    is replaced by this process's identical copy, still whole).  An incomplete ``target``
+    (one someone emptied by hand) is replaced.  The staging directory is made by ``mkdir`` with
+    the default mode (0755 under the usual umask 022), so a shared cache stays readable by other
+    users, like the files ``save_pretrained`` writes into it.
+    """
+
+    def fill_unless_prepared(staging: Path) -> None:
+        fill(staging)
+        if is_prepared(target):
+            raise _AlreadyPrepared
+
     try:
-        os.replace(staging, target)
-    except OSError:
-        if not is_prepared(target):  # not the "another process got there first" case
-            raise
+        write_dir_atomically(target, fill_unless_prepared)
+    except _AlreadyPrepared:
+        pass

@@ -35,21 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slime.backends.megatron_utils.parallel import group_rank_size
+from slime.utils.lora_config import hparam_errors, is_glob, lora_scaling, resolve_targets
 from slime_plugins.lora.input_recompute import down_project
-
-# Hugging Face projection names -> the fused Megatron module that holds them.
-HF_TO_MEGATRON_TARGETS: dict[str, str] = {
-    "q_proj": "linear_qkv",
-    "k_proj": "linear_qkv",
-    "v_proj": "linear_qkv",
-    "o_proj": "linear_proj",
-    "gate_proj": "linear_fc1",
-    "up_proj": "linear_fc1",
-    "down_proj": "linear_fc2",
-}
-ALL_LINEAR: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-_GLOB_CHARS = set("*?[")
-
 
 def _parallel_kind(layer: nn.Module) -> str:
     """'plain' for nn.Linear, 'column' / 'row' for Megatron's parallel linears."""
@@ -83,13 +71,6 @@ def _global_shape(layer: nn.Module, kind: str) -> tuple[int, int]:
     if kind == "plain":
         return layer.out_features, layer.in_features
     return layer.output_size, layer.input_size
-
-
-def _tp_rank_and_size(layer: nn.Module) -> tuple[int, int]:
-    group = getattr(layer, "tp_group", None)
-    if group is None or not torch.distributed.is_initialized():
-        return 0, 1
-    return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -130,7 +111,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.r = r
         self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling = lora_scaling(lora_alpha, r, use_rslora)
         self.use_rslora = use_rslora
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.sequence_parallel = bool(getattr(base_layer, "sequence_parallel", False))
@@ -156,7 +137,7 @@ class LoRALinear(nn.Module):
         full.uniform_(-bound, bound, generator=gen)
         if self.kind != "row":
             return full
-        rank, _ = _tp_rank_and_size(self.base_layer)
+        rank, _ = group_rank_size(getattr(self.base_layer, "tp_group", None))
         return full[:, rank * in_local : (rank + 1) * in_local].clone()
 
     def _mark_tensor_parallel(self) -> None:
@@ -169,7 +150,7 @@ class LoRALinear(nn.Module):
         if self.kind == "plain":
             return
         split, replicated = (self.lora_B, self.lora_A) if self.kind == "column" else (self.lora_A, self.lora_B)
-        tp_size = _tp_rank_and_size(self.base_layer)[1]
+        tp_size = group_rank_size(getattr(self.base_layer, "tp_group", None))[1]
         split.tensor_model_parallel = tp_size > 1
         split.partition_dim = 0 if self.kind == "column" else 1
         split.partition_stride = 1
@@ -307,31 +288,10 @@ def _lora_keys_are_optional(module, incompatible_keys) -> None:
         missing.remove(key)
 
 
-def resolve_targets(target_modules: Iterable[str]) -> list[str]:
-    """Expand ``all-linear`` and Hugging Face aliases into Megatron names, keeping order, no repeats."""
-    resolved: list[str] = []
-    for target in target_modules:
-        names = ALL_LINEAR if target == "all-linear" else (HF_TO_MEGATRON_TARGETS.get(target, target),)
-        resolved.extend(n for n in names if n not in resolved)
-    return resolved
-
-
 def _matches(target: str, name: str) -> bool:
-    if _GLOB_CHARS & set(target):
+    if is_glob(target):
         return fnmatch.fnmatchcase(name, target)
     return name.rsplit(".", 1)[-1] == target
-
-
-def validate_lora_hparams(r, lora_alpha, lora_dropout) -> list[str]:
-    """Every problem with the scalar hyper-parameters, one message each, naming the flag."""
-    errors = []
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        errors.append(f"--lora-r must be an integer >= 1 (got {r!r})")
-    if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
-        errors.append(f"--lora-alpha must be > 0 (got {lora_alpha!r})")
-    if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
-        errors.append(f"--lora-dropout must be in [0, 1) (got {lora_dropout!r})")
-    return errors
 
 
 def find_lora_targets(model: nn.Module, target_modules: Iterable[str]) -> tuple[dict[str, nn.Module], list[str]]:
@@ -374,7 +334,7 @@ def apply_lora_to_model(
     dimension) are collected and raised together as one ``ValueError`` naming flag and target.
     """
     target_modules = list(target_modules)
-    errors = validate_lora_hparams(r, lora_alpha, lora_dropout)
+    errors = hparam_errors(r, lora_alpha, lora_dropout)
     found, match_errors = find_lora_targets(model, target_modules)
     errors += match_errors
     for name, module in found.items():

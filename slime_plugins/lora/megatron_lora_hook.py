@@ -15,61 +15,38 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slime.backends.megatron_utils.parallel import is_rank0, pp_group, tp_rank_size, unwrap_model
 from slime.utils.errors import UserError
+from slime.utils.lora_config import LoraConfig
 from slime_plugins.lora.input_recompute import install_input_recompute
-from slime_plugins.lora.lora_layer import apply_lora_to_model, resolve_targets
+from slime_plugins.lora.lora_layer import apply_lora_to_model
 
 _RULE = "=" * 80
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
-def unwrap_model(module: nn.Module) -> nn.Module:
-    """Strip DDP / Float16Module-style wrappers (anything holding the model in ``.module``)."""
-    while hasattr(module, "module") and isinstance(module.module, nn.Module):
-        module = module.module
-    return module
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _log(message: str = "") -> None:
-    if _is_rank0():
+    if is_rank0():
         print(message, flush=True)
 
 
 def _global_param_counts(chunks: Sequence[nn.Module]) -> tuple[int, int]:
     """(total, trainable) over the whole model: TP shards and PP stages summed, replicas once."""
     total = trainable = 0
+    tp_size = tp_rank_size()[1]
     for chunk in chunks:
         for p in chunk.parameters():
-            tp_size = _tp_world_size() if getattr(p, "tensor_model_parallel", False) else 1
-            total += p.numel() * tp_size
-            trainable += p.numel() * tp_size if p.requires_grad else 0
-    if dist.is_initialized():
-        try:
-            from megatron.core import parallel_state
-
-            group = parallel_state.get_pipeline_model_parallel_group()
-        except (ImportError, AssertionError, AttributeError):
-            group = None
-        if group is not None and dist.get_world_size(group) > 1:
-            # NCCL (GPU runs) reduces CUDA tensors only; gloo reduces CPU ones.
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-            counts = torch.tensor([total, trainable], dtype=torch.float64, device=device)
-            dist.all_reduce(counts, group=group)
-            total, trainable = (int(c) for c in counts.tolist())
+            copies = tp_size if getattr(p, "tensor_model_parallel", False) else 1
+            total += p.numel() * copies
+            trainable += p.numel() * copies if p.requires_grad else 0
+    group = pp_group()
+    if group is not None and dist.get_world_size(group) > 1:
+        # NCCL (GPU runs) reduces CUDA tensors only; gloo reduces CPU ones.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+        counts = torch.tensor([total, trainable], dtype=torch.float64, device=device)
+        dist.all_reduce(counts, group=group)
+        total, trainable = (int(c) for c in counts.tolist())
     return total, trainable
-
-
-def _tp_world_size() -> int:
-    try:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_tensor_model_parallel_world_size()
-    except (ImportError, AssertionError, AttributeError):
-        return 1
 
 
 def _log_applied(chunk_index: int, names: list[str], verbose: bool) -> None:
@@ -86,41 +63,33 @@ def _log_applied(chunk_index: int, names: list[str], verbose: bool) -> None:
         _log(f"... and {hidden} more modules in later layers (--lora-verbose lists them)")
 
 
-def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module], args: argparse.Namespace) -> list[nn.Module]:
-    """Wrap ``args.lora_target_modules`` of every chunk in LoRA and freeze the rest.
+def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module],
+                                 config: LoraConfig | argparse.Namespace) -> list[nn.Module]:
+    """Wrap ``config.targets`` of every chunk in LoRA and freeze the rest.
 
     ``model`` is a list of chunks (virtual pipeline stages) or one module; wrappers are
-    unwrapped.  With ``--lora-only-trainable`` (the default) every non-LoRA parameter gets
-    ``requires_grad=False``.  With ``--lora-recompute-input`` the norms and SwiGLUs tag their
-    outputs so that adapters recompute their input in backward instead of keeping it.
-    Returns the list of chunks.
+    unwrapped.  ``config`` is the run's :class:`~slime.utils.lora_config.LoraConfig` (parsed
+    flags are accepted too and read once, here).  With ``only_trainable`` (the default) every
+    non-LoRA parameter gets ``requires_grad=False``; with ``recompute_input`` the norms and
+    SwiGLUs tag their outputs so that adapters recompute their input in backward instead of
+    keeping it.  Returns the list of chunks.
     """
+    if not isinstance(config, LoraConfig):
+        config = LoraConfig.from_args(config)
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    targets = resolve_targets(args.lora_target_modules)
-    _log(_RULE)
-    _log("Applying LoRA to model...")
-    _log(_RULE)
-    _log("LoRA Configuration:")
-    _log(f"  - Rank (r): {args.lora_r}")
-    _log(f"  - Alpha: {args.lora_alpha}")
-    _log(f"  - Dropout: {args.lora_dropout}")
-    _log(f"  - Target modules: {targets}")
-    _log(f"  - Scaling: {'alpha / sqrt(r)' if getattr(args, 'lora_use_rslora', False) else 'alpha / r'}")
-    _log(_RULE)
+    _log_config(config)
     for index, chunk in enumerate(chunks):
         inner = unwrap_model(chunk)
         try:
-            names = apply_lora_to_model(
-                inner, targets, args.lora_r, args.lora_alpha, args.lora_dropout,
-                use_rslora=getattr(args, "lora_use_rslora", False), init_seed=getattr(args, "seed", 0),
-            )
+            names = apply_lora_to_model(inner, config.targets, config.r, config.alpha, config.dropout,
+                                        use_rslora=config.use_rslora, init_seed=config.init_seed)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        _log_applied(index, names, getattr(args, "lora_verbose", False))
-        if getattr(args, "lora_recompute_input", False):
+        _log_applied(index, names, config.verbose)
+        if config.recompute_input:
             producers = install_input_recompute(inner)
             _log(f"Adapter inputs recomputed in backward from {len(producers)} norm/SwiGLU outputs")
-        if getattr(args, "lora_only_trainable", True):
+        if config.only_trainable:
             for name, param in inner.named_parameters():
                 param.requires_grad_(".lora_A" in name or ".lora_B" in name or name in ("lora_A", "lora_B"))
     total, trainable = _global_param_counts(chunks)
@@ -132,3 +101,16 @@ def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module], args: argpa
     _log(f"  - Trainable %: {100.0 * trainable / max(total, 1):.2f}%")
     _log(_RULE)
     return chunks
+
+
+def _log_config(config: LoraConfig) -> None:
+    _log(_RULE)
+    _log("Applying LoRA to model...")
+    _log(_RULE)
+    _log("LoRA Configuration:")
+    _log(f"  - Rank (r): {config.r}")
+    _log(f"  - Alpha: {config.alpha}")
+    _log(f"  - Dropout: {config.dropout}")
+    _log(f"  - Target modules: {config.targets}")
+    _log(f"  - Scaling: {'alpha / sqrt(r)' if config.use_rslora else 'alpha / r'}")
+    _log(_RULE)

@@ -1,9 +1,7 @@
-"""LoRA adapters in the Hugging Face PEFT format: export from and import into megatron-core.
+"""LoRA adapters of a megatron-core model <-> the Hugging Face PEFT format.
 
-The format (what peft, vLLM and SGLang read) is a directory holding ``adapter_config.json`` and
-``adapter_model.safetensors`` with keys ``base_model.model.<hf module>.lora_A.weight`` (``[r, in]``)
-and ``...lora_B.weight`` (``[out, r]``); the module computes ``W x + s B A x`` with
-``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+The format itself (files, keys, config, per-module scaling) is :mod:`slime.utils.peft_format`;
+this module maps the trainer's fused, TP-sharded adapters onto it and back.
 
 Fused Megatron modules against separate HF modules:
 
@@ -32,173 +30,47 @@ included; ``A`` of a row-parallel module by columns) with the helpers of
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
-import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from slime.backends.megatron_utils.arch import ModelArch
 from slime.backends.megatron_utils.hf_convert import (
-    HF_LAYER_PREFIX,
-    MEGATRON_TO_HF_LAYER,
-    _gather_pipeline_stages,
     gather_tp,
     global_layer_indices,
     hf_from_megatron,
     hf_names,
+    hf_param_shapes,
     megatron_from_hf,
     megatron_param_kind,
     split_megatron_name,
     tp_shard,
 )
+from slime.backends.megatron_utils.parallel import barrier, gather_pipeline_stages, is_rank0, tp_rank_size, unwrap_model
 from slime.utils.errors import UserError
+from slime.utils.hf_names import HF_LAYER_PREFIX, MEGATRON_TO_HF_LAYER
+from slime.utils.lora_config import LoraConfig
+from slime.utils.peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    PeftAdapter,
+    foreign_base_error,
+    parse_peft_key,
+    peft_key,
+    read_peft_adapter,
+    write_peft_dir,
+)
 from slime_plugins.lora.lora_layer import LoRALinear, find_lora_targets, lora_modules
-from slime_plugins.lora.megatron_lora_hook import unwrap_model
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_KEY_PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_LAYER_MODULE = re.compile(rf"^{re.escape(HF_LAYER_PREFIX)}\.(\d+)\.(.+)$")
 
 
-# --------------------------------------------------------------------------- the HF side
-
-
-@dataclass(frozen=True)
-class PeftAdapter:
-    """A validated PEFT LoRA adapter: its config and, per HF module name, ``(A [r, in], B [out, r])``."""
-
-    path: Path
-    config: dict
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-    def scaling(self, module: str) -> float:
-        """``s`` of one HF module, honouring ``rank_pattern`` / ``alpha_pattern`` as peft does."""
-        r = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"])
-        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config["lora_alpha"])
-        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """peft's rule: the first pattern ``p`` with ``re.match(rf"(.*\\.)?({p})$", module)`` wins."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-def _read_config(path: Path) -> dict:
-    config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise UserError(f"{config_file}: missing; pass a directory written by peft's save_pretrained or save_peft_adapter")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_file}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_file}: expected a JSON object")
-    problems = []
-    if config.get("peft_type") != "LORA":
-        problems.append(f"peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        problems.append(f"bias is {config.get('bias')!r}; LoRA bias terms are not supported (save with bias='none')")
-    if config.get("use_dora") or config.get("modules_to_save"):
-        problems.append("DoRA / modules_to_save are not supported; use a plain LoRA adapter")
-    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
-        problems.append("'r' (int) and 'lora_alpha' (number) are required")
-    if problems:
-        raise UserError(f"{config_file}: " + "; ".join(problems))
-    return config
-
-
-def _read_tensors(weights_file: Path) -> dict[str, torch.Tensor]:
-    if not weights_file.is_file():
-        raise UserError(f"{weights_file}: missing (pickled adapter_model.bin is never read); re-save with safetensors")
-    try:
-        with safe_open(str(weights_file), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{weights_file}: corrupt or truncated safetensors file ({exc})") from None
-
-
-def read_peft_adapter(path: str | Path) -> PeftAdapter:
-    """Read and validate a PEFT adapter directory (JSON + safetensors only, never pickle).
-
-    Every key must be ``base_model.model.<module>.lora_{A,B}.weight``; every module needs both
-    matrices with ``A: [r_m, in]``, ``B: [out, r_m]``.  Raises a one-line UserError naming the
-    file and the module otherwise.
-    """
-    path = Path(path)
-    config = _read_config(path)
-    weights_file = path / WEIGHTS_NAME
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in _read_tensors(weights_file).items():
-        match = _KEY.match(key)
-        if match is None:
-            raise UserError(f"{weights_file}: unexpected key {key!r} (expected {PEFT_KEY_PREFIX}<module>.lora_A.weight)")
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, pair in sorted(pairs.items()):
-        if set(pair) != {"A", "B"}:
-            raise UserError(f"{weights_file}: module {module} has lora_{''.join(pair)} but not both lora_A and lora_B")
-        a, b = pair["A"], pair["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise UserError(f"{weights_file}: module {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
-                            "do not form [r, in] and [out, r]")
-        modules[module] = (a, b)
-    if not modules:
-        raise UserError(f"{weights_file}: holds no LoRA tensors")
-    return PeftAdapter(path, config, modules)
-
-
-def write_dir_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(staging)`` on a fresh sibling directory, then swap it in for ``out_dir``.
-
-    ``out_dir.tmp-<pid>`` is filled and renamed into place; an existing ``out_dir`` is first
-    renamed to ``out_dir.old-<pid>`` and removed afterwards, so readers see the old or the new
-    directory, never a mix.  A failure removes the staging directory and leaves ``out_dir`` alone.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    retired = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        write(staging)
-        if out_dir.exists():
-            os.replace(out_dir, retired)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-    return out_dir
-
-
-def write_peft_dir(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically (see :func:`write_dir_atomically`)."""
-
-    def write(staging: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / WEIGHTS_NAME),
-                  metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    return write_dir_atomically(out_dir, write)
-
-
-# --------------------------------------------------------------------------- the Megatron side
+# --------------------------------------------------------------------------- export
 
 
 @dataclass(frozen=True)
@@ -233,14 +105,6 @@ def _targets(chunks: Iterable[nn.Module]) -> list[_Target]:
     return found
 
 
-def _tp_rank_size() -> tuple[int, int]:
-    from megatron.core import parallel_state
-
-    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
-        return 0, 1
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
-
-
 @torch.no_grad()
 def export_peft_adapter(chunks: Sequence[nn.Module], arch: ModelArch) -> dict[str, torch.Tensor]:
     """All adapters as a PEFT state dict (CPU tensors, keys ``base_model.model.<hf module>.lora_{A,B}.weight``).
@@ -255,17 +119,12 @@ def export_peft_adapter(chunks: Sequence[nn.Module], arch: ModelArch) -> dict[st
         a = gather_tp(lora.lora_A.detach(), megatron_param_kind(f"{target.name}.lora_A"))
         b = gather_tp(lora.lora_B.detach(), megatron_param_kind(f"{target.name}.lora_B"))
         for hf, b_part in zip(target.hf_modules, hf_from_megatron(target.module, b, arch)):
-            out[f"{PEFT_KEY_PREFIX}{hf}.lora_A.weight"] = a.cpu().clone()
-            out[f"{PEFT_KEY_PREFIX}{hf}.lora_B.weight"] = b_part.cpu().clone(memory_format=torch.contiguous_format)
-    return _gather_pipeline_stages(out)
+            out[peft_key(hf, "A")] = a.cpu().clone()
+            out[peft_key(hf, "B")] = b_part.cpu().clone(memory_format=torch.contiguous_format)
+    return gather_pipeline_stages(out)
 
 
-def _scaling(args: argparse.Namespace, r: int | None = None) -> float:
-    r = args.lora_r if r is None else r
-    return args.lora_alpha / math.sqrt(r) if getattr(args, "lora_use_rslora", False) else args.lora_alpha / r
-
-
-def _covered_by_flags(args: argparse.Namespace, arch: ModelArch) -> set[str]:
+def _covered_by_flags(config: LoraConfig, arch: ModelArch) -> set[str]:
     """HF modules that ``--lora-target-modules`` wraps, found by matching them against a skeleton
     with the model's Megatron names (the same matcher as the real model, no weights built)."""
     skeleton = nn.Module()
@@ -273,7 +132,7 @@ def _covered_by_flags(args: argparse.Namespace, arch: ModelArch) -> set[str]:
         for module in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
             parent_name, _, leaf = f"decoder.layers.{layer}.{module}".rpartition(".")
             _ensure_path(skeleton, parent_name).add_module(leaf, nn.Linear(1, 1, bias=False))
-    found, _ = find_lora_targets(skeleton, args.lora_target_modules)
+    found, _ = find_lora_targets(skeleton, config.targets)
     covered = set()
     for name in found:
         layer, module, _ = split_megatron_name(f"{name}.weight")
@@ -300,7 +159,7 @@ def _target_modules(covered: set[str], arch: ModelArch) -> list[str]:
     return sorted(leaves) if every_layer == covered else sorted(covered)
 
 
-def peft_adapter_config(args: argparse.Namespace, arch: ModelArch, base_model_name_or_path: str | None = None, *,
+def peft_adapter_config(config: LoraConfig, arch: ModelArch, base_model_name_or_path: str | None = None, *,
                         tensors: dict[str, torch.Tensor] | None = None) -> dict:
     """``adapter_config.json`` for the adapters (from ``tensors`` when given, else from the flags).
 
@@ -308,41 +167,39 @@ def peft_adapter_config(args: argparse.Namespace, arch: ModelArch, base_model_na
     docstring) get ``rank_pattern`` and an ``alpha_pattern`` keeping the scaling of the flags.
     """
     if tensors is None:
-        ranks = {m: args.lora_r for m in _covered_by_flags(args, arch)}
+        ranks = {m: config.r for m in _covered_by_flags(config, arch)}
     else:
-        ranks = {m["module"]: t.shape[0] for k, t in tensors.items() if (m := _KEY.match(k)) and m["which"] == "A"}
-    scaling = _scaling(args)
-    odd = {m: r for m, r in sorted(ranks.items()) if r != args.lora_r}
-    factor = math.sqrt if getattr(args, "lora_use_rslora", False) else float
+        ranks = {key[0]: t.shape[0] for k, t in tensors.items() if (key := parse_peft_key(k)) and key[1] == "A"}
+    odd = {m: r for m, r in sorted(ranks.items()) if r != config.r}
+    factor = math.sqrt if config.use_rslora else float
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": args.lora_r, "lora_alpha": args.lora_alpha,
-        "lora_dropout": args.lora_dropout, "use_rslora": bool(getattr(args, "lora_use_rslora", False)),
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": _target_modules(set(ranks), arch), "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "base_model_name_or_path": base_model_name_or_path or getattr(args, "hf_checkpoint", None),
+        "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
         "rank_pattern": {re.escape(m): r for m, r in odd.items()},
-        "alpha_pattern": {re.escape(m): scaling * factor(r) for m, r in odd.items()},
+        "alpha_pattern": {re.escape(m): config.scaling * factor(r) for m, r in odd.items()},
     }
 
 
-def adapter_state_tensors(chunks: Sequence[nn.Module], arch: ModelArch, args: argparse.Namespace,
+def adapter_state_tensors(chunks: Sequence[nn.Module], arch: ModelArch, config: LoraConfig,
                           base_model_name_or_path: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, config)`` exactly as :func:`save_peft_adapter` writes them: what weight sync
     hands to the rollout engine's ``load_lora_adapter(name, tensors=..., config=...)``.  Collective."""
     tensors = export_peft_adapter(chunks, arch)
-    return tensors, peft_adapter_config(args, arch, base_model_name_or_path, tensors=tensors)
+    return tensors, peft_adapter_config(config, arch, base_model_name_or_path, tensors=tensors)
 
 
-def save_peft_adapter(chunks: Sequence[nn.Module], arch: ModelArch, args: argparse.Namespace, out_dir: str | Path,
+def save_peft_adapter(chunks: Sequence[nn.Module], arch: ModelArch, config: LoraConfig, out_dir: str | Path,
                       base_model_name_or_path: str | None = None) -> Path:
     """Write the adapters as a PEFT directory (atomically replacing ``out_dir``).
 
     Collective: all ranks gather; global rank 0 writes; everyone returns after the write.
     """
-    tensors, config = adapter_state_tensors(chunks, arch, args, base_model_name_or_path)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        write_peft_dir(out_dir, tensors, config)
-    if dist.is_initialized():
-        dist.barrier()
+    tensors, adapter_config = adapter_state_tensors(chunks, arch, config, base_model_name_or_path)
+    if is_rank0():
+        write_peft_dir(out_dir, tensors, adapter_config)
+    barrier()
     return Path(out_dir)
 
 
@@ -362,17 +219,16 @@ class _Plan:
         return self.a.shape[0]
 
 
-def _check_flags(adapter: PeftAdapter, args: argparse.Namespace) -> None:
+def _check_flags(adapter: PeftAdapter, lora: LoraConfig) -> None:
     config, where = adapter.config, adapter.path / CONFIG_NAME
-    rslora = bool(getattr(args, "lora_use_rslora", False))
-    if config["r"] != args.lora_r:
-        raise UserError(f"{where}: r={config['r']} but --lora-r {args.lora_r}; pass --lora-r {config['r']}")
-    if float(config["lora_alpha"]) != float(args.lora_alpha):
-        raise UserError(f"{where}: lora_alpha={config['lora_alpha']} but --lora-alpha {args.lora_alpha}; "
+    if config["r"] != lora.r:
+        raise UserError(f"{where}: r={config['r']} but --lora-r {lora.r}; pass --lora-r {config['r']}")
+    if float(config["lora_alpha"]) != float(lora.alpha):
+        raise UserError(f"{where}: lora_alpha={config['lora_alpha']} but --lora-alpha {lora.alpha}; "
                         f"pass --lora-alpha {config['lora_alpha']}")
-    if bool(config.get("use_rslora")) != rslora:
+    if bool(config.get("use_rslora")) != lora.use_rslora:
         raise UserError(f"{where}: use_rslora={bool(config.get('use_rslora'))} but --lora-use-rslora is "
-                        f"{'on' if rslora else 'off'}; make them agree")
+                        f"{'on' if lora.use_rslora else 'off'}; make them agree")
 
 
 def _plan(target: _Target, adapter: PeftAdapter, arch: ModelArch) -> _Plan:
@@ -381,17 +237,12 @@ def _plan(target: _Target, adapter: PeftAdapter, arch: ModelArch) -> _Plan:
     Parts missing from the adapter get ``B = 0``; each part's ``B_p`` is scaled by ``s_p / s``.
     """
     lora, where = target.lora, adapter.path / WEIGHTS_NAME
-    out_f, in_f = lora.base_layer.output_size, lora.base_layer.input_size
+    out_f = lora.base_layer.output_size
     part_rows = [p.shape[0] for p in hf_from_megatron(target.module, torch.empty(out_f, 0), arch)]
     present = [(i, hf) for i, hf in enumerate(target.hf_modules) if hf in adapter.modules]
     if not present:
         raise UserError(f"{where}: no tensors for {', '.join(target.hf_modules)}, which --lora-target-modules wraps "
                         f"({target.name}); target only the modules the adapter has")
-    for i, hf in present:
-        a, b = adapter.modules[hf]
-        if a.shape[1] != in_f or b.shape[0] != part_rows[i]:
-            raise UserError(f"{where}: module {hf}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the "
-                            f"model's [{part_rows[i]}, {in_f}] weight; the adapter was trained on another model")
     a_parts = [adapter.modules[hf][0] for _, hf in present]
     shared = all(a.shape == a_parts[0].shape and torch.equal(a, a_parts[0]) for a in a_parts)
     a_full = a_parts[0] if shared else torch.cat(a_parts, dim=0)
@@ -406,13 +257,26 @@ def _plan(target: _Target, adapter: PeftAdapter, arch: ModelArch) -> _Plan:
     return _Plan(target, a_full.float(), megatron_from_hf(target.module, b_parts, arch))
 
 
+def _shape_errors(adapter: PeftAdapter, arch: ModelArch) -> list[str]:
+    """Adapter modules whose ``B A`` is not the shape of the model's weight of that name: the
+    signature of an adapter trained on another base model (checked before anything else)."""
+    shapes = hf_param_shapes(arch)
+    errors = []
+    for module, (a, b) in adapter.modules.items():
+        layer_match = _LAYER_MODULE.match(module)
+        expected = shapes.get(f"{layer_match[2]}.weight") if layer_match else shapes.get(f"{module}.weight")
+        if expected is not None and (b.shape[0], a.shape[1]) != tuple(expected):
+            errors.append(foreign_base_error(adapter.path / WEIGHTS_NAME, module, a, b, expected))
+    return errors
+
+
 def _unknown_module_errors(adapter: PeftAdapter, targets: list[_Target], arch: ModelArch,
                            local_layers: set[int]) -> list[str]:
     """Adapter modules the model lacks; modules of layers on other pipeline stages are theirs."""
     wrapped = {hf for t in targets for hf in t.hf_modules}
     errors = []
     for module in adapter.modules:
-        layer_match = re.match(rf"^{re.escape(HF_LAYER_PREFIX)}\.(\d+)\.(.+)$", module)
+        layer_match = _LAYER_MODULE.match(module)
         known = layer_match is not None and int(layer_match[1]) < arch.num_layers and any(
             layer_match[2] in parts for parts in MEGATRON_TO_HF_LAYER.values())
         if not known:
@@ -436,23 +300,26 @@ def _rewrap(target: _Target, rank: int) -> LoRALinear:
 
 
 @torch.no_grad()
-def load_peft_adapter(chunks: Sequence[nn.Module], arch: ModelArch, path: str | Path, args: argparse.Namespace) -> None:
+def load_peft_adapter(chunks: Sequence[nn.Module], arch: ModelArch, path: str | Path, config: LoraConfig) -> None:
     """Load a PEFT adapter directory into the LoRA layers of this rank's chunks (TP-sharded like the base).
 
     Call it after the base weights and **before the optimizer is built**: a fused module whose
     HF parts have different ``A``'s is re-wrapped at rank ``R = sum r_p`` (exact; see the module
-    docstring).  ``r``, ``lora_alpha`` and ``use_rslora`` must equal the flags.  Everything is
-    validated first (one-line UserError naming the file and module); then all is copied.
+    docstring).  ``r``, ``lora_alpha`` and ``use_rslora`` must equal ``config``'s.  Everything is
+    validated first (one-line UserError naming the file and module; an adapter of another base
+    model is reported as that, before any module it lacks); then all is copied.
     """
     adapter = read_peft_adapter(path)
-    _check_flags(adapter, args)
     targets = _targets(chunks)
     local_layers = {layer for chunk in chunks for layer in global_layer_indices(unwrap_model(chunk)).values()}
-    errors = _unknown_module_errors(adapter, targets, arch, local_layers)
+    errors = _shape_errors(adapter, arch)
+    if not errors:
+        _check_flags(adapter, config)
+        errors = _unknown_module_errors(adapter, targets, arch, local_layers)
     if errors:
         raise UserError(errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)")
     plans = [_plan(t, adapter, arch) for t in targets]
-    tp_rank, tp_size = _tp_rank_size()
+    tp_rank, tp_size = tp_rank_size()
     for plan in plans:
         target = plan.target
         lora = target.lora if plan.rank == target.lora.r else _rewrap(target, plan.rank)

@@ -23,11 +23,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def megatron_logprobs(chunks, arch, tokens: torch.Tensor) -> torch.Tensor:
     """Our model (``chunks[0]``, eval mode expected), positions ``0..s-1``, causal mask."""
-    from slime.backends.megatron_utils.hf_convert import gather_logits
+    from slime.backends.megatron_utils.parallel import gather_vocab
 
     device = next(chunks[0].parameters()).device  # CUDA on a GPU machine
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    logits = gather_logits(chunks[0](tokens.to(device), positions.to(device), None), arch).cpu()
+    logits = gather_vocab(chunks[0](tokens.to(device), positions.to(device), None), arch.vocab_size).cpu()
     return token_logprobs(logits, tokens)
 
 

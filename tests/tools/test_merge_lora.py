@@ -70,7 +70,7 @@ def test_errors_are_one_line_user_errors(tmp_path):
     base = make_tiny_checkpoint(tmp_path, family="llama")
     other = make_tiny_checkpoint(tmp_path, family="llama", name="wide", hidden_size=48)
     peft_adapter_with_random_b(other, tmp_path / "wide-adapter")
-    with pytest.raises(UserError, match=r"module model\.layers\.0\.\w+\.\w+_proj: adapter delta is"):
+    with pytest.raises(UserError, match=r"module model\.layers\.0\.\w+\.\w+_proj: lora_A \[\d+, \d+\] / lora_B \[\d+, \d+\] do not fit the model's \[\d+, \d+\] weight; the adapter was trained on another base model"):
         merge_lora(base, tmp_path / "wide-adapter", tmp_path / "out")
     with pytest.raises(UserError, match="adapter_config.json: missing"):
         merge_lora(base, tmp_path, tmp_path / "out")

@@ -85,3 +85,36 @@ def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "env"))
     assert resolve_cache_dir() == tmp_path / "env"
     assert resolve_cache_dir(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_publish_keeps_a_concurrent_winner_and_replaces_an_incomplete_dir(tmp_path: Path) -> None:
+    from slime.utils.model_prep import _REQUIRED_FILES, _publish
+
+    def fill_with(marker: str):
+        def fill(staging: Path) -> None:
+            for name in (*_REQUIRED_FILES, marker):
+                (staging / name).write_text(marker)
+        return fill
+
+    target = tmp_path / "cache" / NAME
+    target.mkdir(parents=True)
+    (target / "stray").write_text("left by hand")  # incomplete: replaced as a whole
+    _publish(target, fill_with("first"))
+    assert sorted(p.name for p in target.iterdir()) == sorted((*_REQUIRED_FILES, "first"))
+    assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()  # 0755 under umask 022: readable by all
+
+    def winner_appears_meanwhile(staging: Path) -> None:
+        fill_with("second")(staging)
+        assert (target / "first").exists()  # the complete target is already there
+
+    _publish(target, winner_appears_meanwhile)
+    assert (target / "first").exists() and not (target / "second").exists()
+    assert [p.name for p in target.parent.iterdir()] == [NAME]  # no staging directory left
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

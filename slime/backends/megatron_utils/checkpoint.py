@@ -35,18 +35,20 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slime.backends.megatron_utils.arch import ModelArch
 from slime.backends.megatron_utils.optimizer import TrainOptimizer
+from slime.backends.megatron_utils.parallel import barrier, global_rank, global_world_size, unwrap_model
+from slime.utils.atomic import fsync_path, write_file_atomically, write_json_atomically, write_text_atomically
 from slime.utils.errors import UserError
+from slime.utils.lora_config import LoraConfig
 
 FORMAT = "slime-checkpoint"
 FORMAT_VERSION = 1
@@ -78,42 +80,9 @@ def iter_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _weights_kind(args: argparse.Namespace) -> str:
-    """``adapter`` with --use-lora, ``model`` (full HF weights) without."""
-    return "adapter" if getattr(args, "use_lora", False) else "model"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then fsync and ``os.replace``: ``path`` is old or complete, never partial."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n"))
+def _weights_kind(lora: LoraConfig | None) -> str:
+    """``adapter`` with LoRA, ``model`` (full HF weights) without."""
+    return "adapter" if lora is not None else "model"
 
 
 def _read_json(path: Path) -> Any:
@@ -129,7 +98,7 @@ def _file_record(path: Path) -> dict:
     """Size and sha256 of a finished file (fsynced on the way: it is about to become durable)."""
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-        os.fsync(f.fileno())
+    fsync_path(path)
     return {"bytes": path.stat().st_size, "sha256": digest}
 
 
@@ -156,8 +125,6 @@ def _verify_files(iter_dir: Path, records: dict[str, dict], names: Sequence[str]
 
 def parameter_names(chunks: Sequence[nn.Module]) -> dict[int, str]:
     """``id(param) -> "chunk{i}.<dotted name>"``: optimizer state is keyed by name, not position."""
-    from slime_plugins.lora.megatron_lora_hook import unwrap_model
-
     names: dict[int, str] = {}
     for index, chunk in enumerate(chunks):
         for name, param in unwrap_model(chunk).named_parameters():
@@ -249,20 +216,17 @@ def _restore_rng(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _lora_flags(args: argparse.Namespace) -> dict | None:
-    """The LoRA flags that change the model's function or its parameter shapes."""
-    if not getattr(args, "use_lora", False):
+def _lora_flags(lora: LoraConfig | None) -> dict | None:
+    """The LoRA settings that change the model's function or its parameter shapes, by flag name."""
+    if lora is None:
         return None
-    from slime_plugins.lora.lora_layer import resolve_targets
-
-    return {"lora_r": args.lora_r, "lora_alpha": float(args.lora_alpha),
-            "lora_target_modules": resolve_targets(args.lora_target_modules),
-            "lora_use_rslora": bool(getattr(args, "lora_use_rslora", False))}
+    return {"lora_r": lora.r, "lora_alpha": float(lora.alpha), "lora_target_modules": lora.targets,
+            "lora_use_rslora": lora.use_rslora}
 
 
 def _parallel_layout(args: argparse.Namespace) -> dict:
     return {"tensor_model_parallel_size": args.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": args.pipeline_model_parallel_size, "world_size": _world_size()}
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size, "world_size": global_world_size()}
 
 
 def _jsonable_args(args: argparse.Namespace) -> dict:
@@ -286,7 +250,7 @@ def _check_compatible(meta: dict, arch: ModelArch, args: argparse.Namespace, pat
     if diff:
         raise UserError(f"{path}: checkpoint is of a different model (saved vs now: {', '.join(diff)}); "
                         f"--hf-checkpoint must be the model the checkpoint was trained from")
-    saved_lora, lora = meta["lora"], _lora_flags(args)
+    saved_lora, lora = meta["lora"], _lora_flags(args.lora)
     if (saved_lora is None) != (lora is None):
         had = "with" if saved_lora else "without"
         raise UserError(f"{path}: checkpoint was saved {had} --use-lora; resume {had} --use-lora")
@@ -314,7 +278,7 @@ def _check_compatible(meta: dict, arch: ModelArch, args: argparse.Namespace, pat
 
 def _hf_config(arch: ModelArch, args: argparse.Namespace) -> dict:
     """The saving run's HF config.json (so the weights load in transformers as they came)."""
-    source = getattr(args, "hf_checkpoint", None)
+    source = args.hf_checkpoint
     if source is None or not (Path(source) / "config.json").is_file():
         raise UserError("--save without --use-lora writes HF weights and needs --hf-checkpoint (its config.json)")
     return json.loads((Path(source) / "config.json").read_text())
@@ -322,23 +286,23 @@ def _hf_config(arch: ModelArch, args: argparse.Namespace) -> dict:
 
 def _save_weights(out_dir: Path, chunks: Sequence[nn.Module], arch: ModelArch, args: argparse.Namespace) -> None:
     """All ranks call (TP shards are gathered); rank 0 writes ``out_dir``."""
-    if _weights_kind(args) == "adapter":
+    if args.lora is not None:
         from slime_plugins.lora.peft_io import save_peft_adapter
 
-        save_peft_adapter(chunks, arch, args, out_dir, base_model_name_or_path=getattr(args, "hf_checkpoint", None))
+        save_peft_adapter(chunks, arch, args.lora, out_dir, base_model_name_or_path=args.hf_checkpoint)
         return
     from slime.backends.megatron_utils.hf_convert import export_hf_weights, save_hf_checkpoint
 
     state_dict = export_hf_weights(chunks, arch)
-    if _rank() == 0:
+    if global_rank() == 0:
         save_hf_checkpoint(state_dict, _hf_config(arch, args), out_dir)
 
 
 def _load_weights(weights_dir: Path, chunks: Sequence[nn.Module], arch: ModelArch, args: argparse.Namespace) -> None:
-    if _weights_kind(args) == "adapter":
+    if args.lora is not None:
         from slime_plugins.lora.peft_io import load_peft_adapter
 
-        load_peft_adapter(chunks, arch, weights_dir, args)
+        load_peft_adapter(chunks, arch, weights_dir, args.lora)
     else:
         from slime.backends.megatron_utils.hf_convert import load_hf_weights
 
@@ -375,39 +339,39 @@ def _prepare(save_dir: Path, iteration: int, kind: str) -> None:
 def _save_trainer_state(state_dir: Path, chunks: Sequence[nn.Module], optimizer: TrainOptimizer,
                         extra_state: dict) -> None:
     """This rank's optimizer + RNG tensors (safetensors) and scalars (JSON)."""
-    rank = _rank()
+    rank = global_rank()
     opt_tensors, opt_scalars = _optimizer_state(optimizer, parameter_names(chunks))
     rng_tensors, rng_scalars = _rng_state()
-    _write_atomic(state_dir / f"rank_{rank:05d}.safetensors",
-                  lambda tmp: save_file({**opt_tensors, **rng_tensors}, str(tmp)))
-    _write_json(state_dir / f"rank_{rank:05d}.json",
-                {"rank": rank, "optimizer": opt_scalars, "rng": rng_scalars, "extra_state": extra_state})
+    write_file_atomically(state_dir / f"rank_{rank:05d}.safetensors",
+                          lambda tmp: save_file({**opt_tensors, **rng_tensors}, str(tmp)))
+    write_json_atomically(state_dir / f"rank_{rank:05d}.json",
+                          {"rank": rank, "optimizer": opt_scalars, "rng": rng_scalars, "extra_state": extra_state},
+                          indent=1)
 
 
 def _describe(staging: Path, iteration: int, arch: ModelArch, args: argparse.Namespace) -> dict:
     files = {str(p.relative_to(staging)): _file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-    return {"format": FORMAT, "version": FORMAT_VERSION, "iteration": iteration, "weights": _weights_kind(args),
-            "model": dataclasses.asdict(arch), "lora": _lora_flags(args), "parallel": _parallel_layout(args),
+    return {"format": FORMAT, "version": FORMAT_VERSION, "iteration": iteration, "weights": _weights_kind(args.lora),
+            "model": dataclasses.asdict(arch), "lora": _lora_flags(args.lora), "parallel": _parallel_layout(args),
             "files": files}
 
 
 def _publish(save_dir: Path, iteration: int, kind: str) -> None:
     """Rank 0: staging -> ``iter_N``, link -> ``iter_N/<kind>``, then ``latest``; each step atomic."""
     final, staging, replaced = _staging_dirs(save_dir, iteration)
-    _fsync(staging)
+    fsync_path(staging)
     if final.exists():  # saving an iteration again (e.g. resumed twice): keep the old one until the swap
         os.replace(final, replaced)
     os.replace(staging, final)
     shutil.rmtree(replaced, ignore_errors=True)
-    _fsync(save_dir)
+    fsync_path(save_dir)
     _stage_done("rename")
     link_tmp = save_dir / f".{kind}.link.tmp"
     link_tmp.unlink(missing_ok=True)
     os.symlink(f"{final.name}/{kind}", link_tmp)
     os.replace(link_tmp, save_dir / kind)
     _stage_done("link")
-    _write_atomic(save_dir / LATEST_FILE, lambda tmp: tmp.write_text(f"{iteration}\n"))
-    _fsync(save_dir)
+    write_text_atomically(save_dir / LATEST_FILE, f"{iteration}\n")  # fsyncs save_dir too
     _stage_done("latest")
 
 
@@ -419,23 +383,23 @@ def save_checkpoint(save_dir: str | Path, iteration: int, chunks: Sequence[nn.Mo
     and comes back from :func:`load_checkpoint`.  Returns the final iteration directory.
     """
     save_dir = Path(save_dir)
-    kind = _weights_kind(args)
+    kind = _weights_kind(args.lora)
     json.dumps(extra_state)  # fail before writing anything when the trainer passes a non-JSON value
-    if _rank() == 0:
+    if global_rank() == 0:
         _prepare(save_dir, iteration, kind)
-    _barrier()
+    barrier()
     final, staging, _ = _staging_dirs(save_dir, iteration)
     _save_trainer_state(staging / STATE_DIR, chunks, optimizer, extra_state)
     _stage_done("trainer_state")
     _save_weights(staging / kind, chunks, arch, args)
     _stage_done("weights")
-    _barrier()  # every rank's files are in staging before rank 0 lists and renames them
-    if _rank() == 0:
-        _write_json(staging / STATE_DIR / "args.json", _jsonable_args(args))
-        _write_json(staging / META_FILE, _describe(staging, iteration, arch, args))
+    barrier()  # every rank's files are in staging before rank 0 lists and renames them
+    if global_rank() == 0:
+        write_json_atomically(staging / STATE_DIR / "args.json", _jsonable_args(args), indent=1)
+        write_json_atomically(staging / META_FILE, _describe(staging, iteration, arch, args), indent=1)
         _stage_done("manifest")
         _publish(save_dir, iteration, kind)
-    _barrier()
+    barrier()
     return final
 
 
@@ -476,8 +440,8 @@ def load_checkpoint(load_dir: str | Path, chunks: Sequence[nn.Module], arch: Mod
         raise UserError(f"{load_dir / LATEST_FILE}: names iteration {iteration} but {final} does not exist")
     meta = _read_json(iter_dir / META_FILE)
     _check_compatible(meta, arch, args, iter_dir / META_FILE)
-    kind = _weights_kind(args)
-    rank = _rank()
+    kind = _weights_kind(args.lora)
+    rank = global_rank()
     state_files = [f"{STATE_DIR}/rank_{rank:05d}.safetensors", f"{STATE_DIR}/rank_{rank:05d}.json"]
     weight_files = sorted(name for name in meta["files"] if name.startswith(f"{kind}/"))
     _verify_files(iter_dir, meta["files"], weight_files + state_files)
@@ -487,5 +451,5 @@ def load_checkpoint(load_dir: str | Path, chunks: Sequence[nn.Module], arch: Mod
     if optimizer is not None:
         _restore_optimizer(optimizer, parameter_names(chunks), tensors, state["optimizer"], iter_dir / state_files[0])
     _restore_rng(tensors, state["rng"])
-    _barrier()
+    barrier()
     return iteration, state["extra_state"]

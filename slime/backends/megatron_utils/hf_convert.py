@@ -22,10 +22,7 @@ fusions above produce; a rank holds a *local* shard of it):
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -34,7 +31,10 @@ import torch.distributed as dist
 from torch import nn
 
 from slime.backends.megatron_utils.arch import ModelArch
+from slime.backends.megatron_utils.parallel import gather_pipeline_stages, tp_group_rank_size, unwrap_model
+from slime.utils.atomic import write_dir_atomically
 from slime.utils.errors import UserError
+from slime.utils.hf_names import HF_LAYER_PREFIX, MEGATRON_TO_HF_GLOBAL, MEGATRON_TO_HF_LAYER
 
 COLUMN = "column"
 COLUMN_GATED = "column_gated"
@@ -42,25 +42,6 @@ ROW = "row"
 VOCAB = "vocab"
 REPLICATED = "replicated"
 PARAM_KINDS: tuple[str, ...] = (COLUMN, COLUMN_GATED, ROW, VOCAB, REPLICATED)
-
-# Per-layer Megatron module (under ``decoder.layers.N.``) -> HF modules (under ``model.layers.N.``).
-MEGATRON_TO_HF_LAYER: dict[str, tuple[str, ...]] = {
-    "input_layernorm": ("input_layernorm",),
-    "self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attention.q_layernorm": ("self_attn.q_norm",),
-    "self_attention.k_layernorm": ("self_attn.k_norm",),
-    "self_attention.linear_proj": ("self_attn.o_proj",),
-    "pre_mlp_layernorm": ("post_attention_layernorm",),
-    "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.linear_fc2": ("mlp.down_proj",),
-}
-# Megatron modules outside the decoder layers -> HF modules.
-MEGATRON_TO_HF_GLOBAL: dict[str, tuple[str, ...]] = {
-    "embedding.word_embeddings": ("model.embed_tokens",),
-    "decoder.final_layernorm": ("model.norm",),
-    "output_layer": ("lm_head",),
-}
-HF_LAYER_PREFIX = "model.layers"
 
 # A module's attribute name -> how its weight is split over TP.
 _LEAF_KIND: dict[str, str] = {
@@ -257,20 +238,11 @@ def tp_gather(kind: str, shards: list[torch.Tensor]) -> torch.Tensor:
     raise ValueError(f"unknown parameter kind {kind!r}; expected one of {PARAM_KINDS}")
 
 
-def _tp_group_rank_size() -> tuple[object | None, int, int]:
-    from megatron.core import parallel_state
-
-    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
-        return None, 0, 1
-    group = parallel_state.get_tensor_model_parallel_group()
-    return group, dist.get_rank(group), dist.get_world_size(group)
-
-
 def gather_tp(local: torch.Tensor, kind: str, group=None) -> torch.Tensor:
     """All-gather this rank's shard over the TP ``group`` (default: megatron's) and return the
     full tensor in Megatron's global layout (vocab padding kept).  Collective: every rank calls it."""
     if group is None:
-        group, _, size = _tp_group_rank_size()
+        group, _, size = tp_group_rank_size()
     else:
         size = dist.get_world_size(group)
     if size == 1 or kind == REPLICATED:
@@ -278,19 +250,6 @@ def gather_tp(local: torch.Tensor, kind: str, group=None) -> torch.Tensor:
     shards = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(shards, local.detach().contiguous(), group=group)
     return tp_gather(kind, shards)
-
-
-def gather_logits(logits_local: torch.Tensor, arch: ModelArch) -> torch.Tensor:
-    """``[b, s, V_padded / T]`` -> ``[b, s, V]``: all-gather along the vocab dim, strip the padding.
-
-    Differentiable (megatron's gather; its backward keeps this rank's slice of the gradient).
-    """
-    _, _, size = _tp_group_rank_size()
-    if size > 1:
-        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-
-        logits_local = gather_from_tensor_model_parallel_region(logits_local)
-    return logits_local[..., : arch.vocab_size]
 
 
 # ----------------------------------------------------------------------------- reading checkpoints
@@ -362,13 +321,6 @@ class CheckpointReader:
 # ----------------------------------------------------------------------------- model <-> HF
 
 
-def _unwrap(chunk: nn.Module) -> nn.Module:
-    """Strip DDP / Float16Module-style wrappers, which hold the model in ``.module``."""
-    while isinstance(getattr(chunk, "module", None), nn.Module):
-        chunk = chunk.module
-    return chunk
-
-
 def _is_weight_key(key: str) -> bool:
     """Base parameters only: no LoRA tensors, no TransformerEngine-style ``_extra_state``."""
     return not key.endswith(("._extra_state", ".lora_A", ".lora_B"))
@@ -403,11 +355,11 @@ def load_hf_weights(chunks: Iterable[nn.Module], arch: ModelArch, checkpoint_dir
     their initial values.  Tensors are converted to each parameter's dtype by ``copy_``.
     """
     reader = CheckpointReader(checkpoint_dir, arch)
-    _, tp_rank, tp_size = _tp_group_rank_size()
+    _, tp_rank, tp_size = tp_group_rank_size()
     if arch.tie_word_embeddings:
         _check_tied(reader)
     for chunk in chunks:
-        model = _unwrap(chunk)
+        model = unwrap_model(chunk)
         layers = global_layer_indices(model)
         incoming: dict[str, torch.Tensor] = {}
         for key, local in model.state_dict().items():
@@ -438,7 +390,7 @@ def export_hf_weights(chunks: Iterable[nn.Module], arch: ModelArch) -> dict[str,
     """
     out: dict[str, torch.Tensor] = {}
     for chunk in chunks:
-        model = _unwrap(chunk)
+        model = unwrap_model(chunk)
         layers = global_layer_indices(model)
         for key, local in model.state_dict().items():
             layer, module, param = split_megatron_name(key)
@@ -452,24 +404,7 @@ def export_hf_weights(chunks: Iterable[nn.Module], arch: ModelArch) -> dict[str,
             for name, tensor in zip(names, hf_from_megatron(module, full, arch)):
                 # Own, contiguous storage: no aliasing of the model, and safetensors-savable.
                 out[name] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-    return _gather_pipeline_stages(out)
-
-
-def _gather_pipeline_stages(stage_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from megatron.core import parallel_state
-
-    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
-        return stage_dict
-    group = parallel_state.get_pipeline_model_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return stage_dict
-    stages: list[dict[str, torch.Tensor] | None] = [None] * size
-    dist.all_gather_object(stages, stage_dict, group=group)
-    merged: dict[str, torch.Tensor] = {}
-    for stage in stages:
-        merged.update(stage or {})
-    return merged
+    return gather_pipeline_stages(out)
 
 
 # ----------------------------------------------------------------------------- writing checkpoints
@@ -478,14 +413,11 @@ def _gather_pipeline_stages(stage_dict: dict[str, torch.Tensor]) -> dict[str, to
 def save_hf_checkpoint(state_dict: dict[str, torch.Tensor], arch_config_dict: dict, out_dir: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``out_dir``, atomically.
 
-    Both files are written in a temporary sibling directory first.  A new ``out_dir`` appears
-    whole with one ``os.replace``; into an existing one (e.g. holding a tokenizer) each file is
-    ``os.replace``-d, so a reader never sees a half-written file.
+    A new ``out_dir`` appears whole; in an existing one (e.g. holding a tokenizer) the two files
+    are replaced and the rest kept (:func:`slime.utils.atomic.write_dir_atomically`).
     """
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     seen: set[int] = set()
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
@@ -495,15 +427,9 @@ def save_hf_checkpoint(state_dict: dict[str, torch.Tensor], arch_config_dict: di
             tensor = tensor.clone()
         seen.add(tensor.untyped_storage().data_ptr())
         tensors[name] = tensor
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / _SINGLE_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(arch_config_dict, indent=2, sort_keys=True) + "\n")
-        if not out.exists():
-            os.replace(tmp, out)
-            return out
-        for name in (_SINGLE_FILE, "config.json"):
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def fill(staging: Path) -> None:
+        save_file(tensors, str(staging / _SINGLE_FILE), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(arch_config_dict, indent=2, sort_keys=True) + "\n")
+
+    return write_dir_atomically(out_dir, fill, keep_other_files=True)

@@ -1,6 +1,6 @@
 """Build the megatron-core policy, put LoRA in it, and its optimizer.
 
-The order is the point (the guide's sketch got it wrong):
+The order is the point:
 
     model provider (GPTModel per chunk) -> LoRA wrap + freeze -> load base weights
         -> optimizer over requires_grad parameters
@@ -20,10 +20,11 @@ from torch import nn
 
 from slime.backends.megatron_utils.arch import ModelArch
 from slime.backends.megatron_utils.optimizer import LRSchedule, TrainOptimizer
+from slime.utils.lora_config import LoraConfig
 
 
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
-    return torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
+    return torch.bfloat16 if args.bf16 else torch.float32
 
 
 def model_provider(args: argparse.Namespace, arch: ModelArch, *, pre_process: bool = True,
@@ -37,9 +38,9 @@ def model_provider(args: argparse.Namespace, arch: ModelArch, *, pre_process: bo
 
     tp = args.tensor_model_parallel_size
     config = arch.transformer_config(
-        tp_size=tp, pp_size=args.pipeline_model_parallel_size, sequence_parallel=getattr(args, "sequence_parallel", False),
-        params_dtype=params_dtype(args), recompute=getattr(args, "recompute_activations", False),
-        init_weights=getattr(args, "hf_checkpoint", None) is None,
+        tp_size=tp, pp_size=args.pipeline_model_parallel_size, sequence_parallel=args.sequence_parallel,
+        params_dtype=params_dtype(args), recompute=args.recompute_activations,
+        init_weights=args.hf_checkpoint is None,
     )
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
@@ -68,15 +69,15 @@ def _tag_parallel_weights(model: nn.Module, tp: int) -> None:
 
     * TP shards: megatron sets ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride``
       only inside ``_initialize_affine_weight_*``, which is skipped when the weights come from a
-      checkpoint (``perform_initialization=False``).  Untagged, a shard looked replicated: the
-      global grad norm counted it on TP rank 0 only (full fine-tuning at TP=2 clipped with a wrong
-      norm) and the banner's parameter total counted it once.  Vocabulary embedding and
+      checkpoint (``perform_initialization=False``).  Untagged, a shard looks replicated: the
+      global grad norm would count it on TP rank 0 only (full fine-tuning at TP=2 would clip with
+      a wrong norm) and the banner's parameter total would count it once.  Vocabulary embedding and
       column-parallel weights ``[out/tp, in]`` are split along dim 0, row-parallel ``[out, in/tp]``
       along dim 1.
     * q/k norms (Qwen3): one weight ``[head_dim]``, replicated, applied to this rank's heads only,
       so its gradient is a partial sum over TP (megatron's ``finalize_model_grads`` sums them by
       name).  Tagged ``sequence_parallel``, the optimizer's tag for exactly that: without it each
-      rank stepped its replica with its own partial gradient and the replicas drifted apart.
+      rank would step its replica with its own partial gradient and the replicas would drift apart.
     """
     from megatron.core.tensor_parallel.layers import (
         ColumnParallelLinear,
@@ -101,8 +102,8 @@ def _tag_parallel_weights(model: nn.Module, tp: int) -> None:
             set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
 
 
-def get_model(args: argparse.Namespace, arch: ModelArch) -> list[nn.Module]:
-    """All chunks of this rank, with LoRA already in place when ``--use-lora`` is set."""
+def get_model(args: argparse.Namespace, arch: ModelArch, lora: LoraConfig | None = None) -> list[nn.Module]:
+    """All chunks of this rank, with LoRA already in place when ``lora`` is given."""
     from megatron.core import parallel_state
 
     chunks = [model_provider(args, arch, pre_process=parallel_state.is_pipeline_first_stage(),
@@ -113,11 +114,11 @@ def get_model(args: argparse.Namespace, arch: ModelArch) -> list[nn.Module]:
         # absent) are built on the CPU. Moved before LoRA, so the adapters are created on the GPU.
         device = torch.cuda.current_device()
         chunks = [chunk.cuda(device) for chunk in chunks]
-    if getattr(args, "use_lora", False):
+    if lora is not None:
         from slime_plugins.lora.megatron_lora_hook import apply_lora_to_megatron_model
 
-        chunks = apply_lora_to_megatron_model(chunks, args)
-        if getattr(args, "recompute_activations", False):
+        chunks = apply_lora_to_megatron_model(chunks, lora)
+        if args.recompute_activations:
             for chunk in chunks:
                 _let_gradients_through_recompute(chunk)
     return chunks
@@ -136,7 +137,6 @@ class ModelAndOptimizer(NamedTuple):
     model: list[nn.Module]
     optimizer: TrainOptimizer | None
     arch: ModelArch
-    iteration: int
 
 
 def build_optimizer(args: argparse.Namespace, chunks: list[nn.Module]) -> TrainOptimizer:
@@ -150,11 +150,14 @@ def initialize_model_and_optimizer(args: argparse.Namespace, role: str = "actor"
                                    arch: ModelArch | None = None) -> ModelAndOptimizer:
     """Model chunks (LoRA inside), base weights loaded, optimizer over the trainable parameters.
 
-    ``role="ref"`` builds a frozen model without optimizer (the full-parameter KL reference).
+    ``role="ref"`` builds a frozen model without LoRA or optimizer (the full-parameter KL
+    reference).  LoRA comes from ``args.lora``, the run's :class:`LoraConfig` (``None``: full
+    fine-tuning).
     """
     if arch is None:
         arch = ModelArch.from_checkpoint(args.hf_checkpoint)
-    chunks = get_model(args, arch) if role == "actor" else get_model(_without_lora(args), arch)
+    lora = args.lora if role == "actor" else None
+    chunks = get_model(args, arch, lora)
     checkpoint = args.hf_checkpoint if role == "actor" else (args.ref_load or args.hf_checkpoint)
     if checkpoint is not None:
         from slime.backends.megatron_utils.hf_convert import load_hf_weights
@@ -164,15 +167,9 @@ def initialize_model_and_optimizer(args: argparse.Namespace, role: str = "actor"
         for chunk in chunks:
             chunk.requires_grad_(False)
             chunk.eval()
-        return ModelAndOptimizer(chunks, None, arch, 0)
-    if getattr(args, "use_lora", False) and getattr(args, "lora_adapter_path", None):
+        return ModelAndOptimizer(chunks, None, arch)
+    if lora is not None and lora.adapter_path:
         from slime_plugins.lora.peft_io import load_peft_adapter
 
-        load_peft_adapter(chunks, arch, args.lora_adapter_path, args)
-    return ModelAndOptimizer(chunks, build_optimizer(args, chunks), arch, 0)
-
-
-def _without_lora(args: argparse.Namespace) -> argparse.Namespace:
-    copy = argparse.Namespace(**vars(args))
-    copy.use_lora = False
-    return copy
+        load_peft_adapter(chunks, arch, lora.adapter_path, lora)
+    return ModelAndOptimizer(chunks, build_optimizer(args, chunks), arch)

@@ -1,7 +1,7 @@
 """megatron-core's local core attention, computed by ``torch.nn.functional.scaled_dot_product_attention``.
 
 The local spec's ``DotProductAttention`` materialises the ``[b, heads, s, s]`` scores and
-probabilities with strided ``baddbmm``/``bmm`` calls; on CPUs that path was ~28% of a LoRA
+probabilities with strided ``baddbmm``/``bmm`` calls; on CPUs that path takes ~28% of a LoRA
 train step (measured with torch.profiler on SmolLM2-135M) and it keeps both tensors for
 backward.  This subclass keeps megatron's interface and head partitioning (it is a drop-in
 ``core_attention`` in the layer spec) and hands the math to PyTorch's fused kernel.

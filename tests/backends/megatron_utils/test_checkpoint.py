@@ -251,7 +251,7 @@ def _adapter_size(root: Path) -> dict:
     arch = ModelArch.from_hf_config(smollm2)
     # --hf-checkpoint set (never read) skips random init of the 135M base weights: only shapes matter.
     args = parse_args(["--use-lora", "--lora-r", "16", "--lora-alpha", "32", "--hf-checkpoint", str(root / "unused")])
-    chunks = get_model(args, arch)
+    chunks = get_model(args, arch, args.lora)
     base_numel = sum(p.numel() for p in chunks[0].parameters() if not p.requires_grad)
     save_checkpoint(root / "smollm2", 1, chunks, arch, args, build_optimizer(args, chunks), {})
     weights = root / "smollm2" / "adapter" / "adapter_model.safetensors"

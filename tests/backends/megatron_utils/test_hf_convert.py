@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from slime.backends.megatron_utils import hf_convert as hc
 from slime.backends.megatron_utils.arch import ModelArch
+from slime.backends.megatron_utils.parallel import gather_vocab
 from slime.utils.errors import UserError
 from tests._support.dist import run_distributed
 from tests._support.numerics import arch_tolerance, assert_close
@@ -138,7 +139,8 @@ def _build(checkpoint: Path, tp: int = 1, *, lora: bool = False, pp: int = 1):
     argv = ["--hf-checkpoint", str(checkpoint), "--tensor-model-parallel-size", str(tp),
             "--pipeline-model-parallel-size", str(pp)] + (["--use-lora", "--lora-r", "2"] if lora else [])
     arch = ModelArch.from_checkpoint(checkpoint)
-    chunks = get_model(parse_args(argv), arch)
+    args = parse_args(argv)
+    chunks = get_model(args, arch, args.lora)
     hc.load_hf_weights(chunks, arch, checkpoint)
     for chunk in chunks:
         chunk.eval()
@@ -154,7 +156,7 @@ def _inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _megatron_logits(chunks, arch) -> torch.Tensor:
     device = next(chunks[0].parameters()).device  # CUDA on a GPU machine
     ids, pos = _inputs(arch.vocab_size)
-    return hc.gather_logits(chunks[0](ids.to(device), pos.to(device), None), arch).cpu()
+    return gather_vocab(chunks[0](ids.to(device), pos.to(device), None), arch.vocab_size).cpu()
 
 
 @torch.no_grad()

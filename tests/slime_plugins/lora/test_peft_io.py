@@ -19,9 +19,8 @@ from slime.backends.megatron_utils.arch import ModelArch
 from slime.backends.megatron_utils.hf_convert import load_hf_weights
 from slime.utils.errors import UserError
 from slime_plugins.lora.lora_layer import lora_modules
+from slime.utils.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from slime_plugins.lora.peft_io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
     export_peft_adapter,
     load_peft_adapter,
     peft_adapter_config,
@@ -45,7 +44,7 @@ def _build(checkpoint: Path, *flags: str, tp: int = 1):
     args = parse_args(["--hf-checkpoint", str(checkpoint), "--tensor-model-parallel-size", str(tp),
                        *LORA_FLAGS, *flags])
     arch = ModelArch.from_checkpoint(checkpoint)
-    chunks = get_model(args, arch)
+    chunks = get_model(args, arch, args.lora)
     load_hf_weights(chunks, arch, checkpoint)
     for chunk in chunks:
         chunk.eval()
@@ -85,7 +84,7 @@ def setup(tmp_path_factory, single_process) -> dict[str, Path]:
     base = make_tiny_checkpoint(root, family="qwen3", head_dim=16)
     chunks, arch, args = _build(base)
     randomize_lora_b_(chunks)
-    save_peft_adapter(chunks, arch, args, root / "ours")
+    save_peft_adapter(chunks, arch, args.lora, root / "ours")
     peft_adapter_with_random_b(base, root / "peft-made", seed=3, b_std=0.3)  # peft's own: separate q/k/v A's
     return {"root": root, "base": base, "ours": root / "ours", "peft": root / "peft-made"}
 
@@ -104,7 +103,7 @@ def test_export_matches_peft_and_round_trips(setup):
     chunks, arch, args = _build(base)
     atol = arch_tolerance(arch, _hf_logits(base).abs().max(), log_softmax=True)
     assert_close(_our_logprobs(chunks, arch), _hf_logprobs(base), atol=atol, rtol=0, what="B = 0 vs base")
-    load_peft_adapter(chunks, arch, ours, args)
+    load_peft_adapter(chunks, arch, ours, args.lora)
     expected = _peft_logprobs(base, ours)
     assert (expected - _hf_logprobs(base)).abs().max() > 1e-2  # the adapter matters
     assert_close(_our_logprobs(chunks, arch), expected, atol=1e-4, rtol=0, what="our import vs peft")
@@ -116,13 +115,13 @@ def test_export_matches_peft_and_round_trips(setup):
 def test_peft_made_adapter_imports_exactly_at_rank_3r(setup):
     base, made = setup["base"], setup["peft"]
     chunks, arch, args = _build(base)
-    load_peft_adapter(chunks, arch, made, args)
+    load_peft_adapter(chunks, arch, made, args.lora)
     ranks = {name.rsplit(".", 1)[-1]: layer.r for name, layer in lora_modules(chunks[0])}
     assert ranks == {"linear_qkv": 12, "linear_fc1": 8, "linear_proj": 4, "linear_fc2": 4}
     expected = _peft_logprobs(base, made)
     assert_close(_our_logprobs(chunks, arch), expected, atol=1e-4, rtol=0, what="peft-made adapter: ours vs peft")
     # Re-exported with rank_pattern / alpha_pattern, peft reads the same model back.
-    save_peft_adapter(chunks, arch, args, setup["root"] / "re-exported")
+    save_peft_adapter(chunks, arch, args.lora, setup["root"] / "re-exported")
     config = json.loads((setup["root"] / "re-exported" / CONFIG_NAME).read_text())
     assert config["rank_pattern"][r"model\.layers\.0\.self_attn\.q_proj"] == 12
     assert_close(_peft_logprobs(base, setup["root"] / "re-exported"), expected, atol=1e-4, rtol=0,
@@ -133,12 +132,12 @@ def test_glob_targets_export_only_the_wrapped_modules(setup, tmp_path):
     base = setup["base"]
     chunks, arch, args = _build(base, "--lora-target-modules", "*.layers.0.*.linear_qkv", "linear_fc2")
     randomize_lora_b_(chunks, seed=1)
-    save_peft_adapter(chunks, arch, args, tmp_path / "glob")
+    save_peft_adapter(chunks, arch, args.lora, tmp_path / "glob")
     config = json.loads((tmp_path / "glob" / CONFIG_NAME).read_text())
     qkv0 = [f"model.layers.0.self_attn.{p}_proj" for p in "kqv"]
     fc2 = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
     assert config["target_modules"] == sorted(qkv0 + fc2)
-    assert peft_adapter_config(args, arch)["target_modules"] == config["target_modules"]  # from the flags alone
+    assert peft_adapter_config(args.lora, arch)["target_modules"] == config["target_modules"]  # from the flags alone
     assert {k.split(".lora_")[0] for k in load_file(tmp_path / "glob" / WEIGHTS_NAME)} == \
         {f"base_model.model.{m}" for m in qkv0 + fc2}
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "glob")
@@ -153,7 +152,7 @@ def test_save_replaces_an_existing_directory_atomically(setup, tmp_path):
     out = tmp_path / "adapter"
     out.mkdir()
     (out / "stale.bin").write_bytes(b"old")
-    save_peft_adapter(chunks, arch, args, out)
+    save_peft_adapter(chunks, arch, args.lora, out)
     assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
@@ -202,7 +201,7 @@ def test_bad_adapters_are_one_line_errors_and_load_nothing(setup, tmp_path, case
     chunks, arch, args = _build(setup["base"])
     before = _lora_state(chunks)
     with pytest.raises(UserError, match=message) as info:
-        load_peft_adapter(chunks, arch, path, args)
+        load_peft_adapter(chunks, arch, path, args.lora)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
     after = _lora_state(chunks)
     assert all(torch.equal(before[k], after[k]) for k in before), "nothing may be loaded half-way"
@@ -215,9 +214,9 @@ def _tp2_worker(rank: int, base: str, ours: str, made: str, out: str) -> dict[st
     results = {}
     for name, adapter in (("ours", ours), ("made", made)):
         chunks, arch, args = _build(Path(base), tp=2)
-        load_peft_adapter(chunks, arch, adapter, args)
+        load_peft_adapter(chunks, arch, adapter, args.lora)
         results[name] = _our_logprobs(chunks, arch)
-        save_peft_adapter(chunks, arch, args, Path(out) / name)
+        save_peft_adapter(chunks, arch, args.lora, Path(out) / name)
     return results
 
 

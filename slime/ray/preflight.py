@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from slime.utils.errors import raise_collected
+from slime.utils.peft_format import CONFIG_NAME
 
 
 def _path_errors(args: argparse.Namespace) -> list[str]:
@@ -32,8 +33,9 @@ def _path_errors(args: argparse.Namespace) -> list[str]:
             errors.append(f"--eval-prompt-data {name} {path}: no such file")
     if args.load and not (Path(args.load) / "latest_checkpointed_iteration.txt").is_file():
         errors.append(f"--load {args.load}: no latest_checkpointed_iteration.txt there; pass a --save directory of an earlier run")
-    if args.lora_adapter_path and not (Path(args.lora_adapter_path) / "adapter_config.json").is_file():
-        errors.append(f"--lora-adapter-path {args.lora_adapter_path}: no adapter_config.json there (a PEFT adapter directory)")
+    adapter = args.lora.adapter_path if args.lora else None
+    if adapter and not (Path(adapter) / CONFIG_NAME).is_file():
+        errors.append(f"--lora-adapter-path {adapter}: no {CONFIG_NAME} there (a PEFT adapter directory)")
     if args.ref_load and not (Path(args.ref_load) / "config.json").is_file():
         errors.append(f"--ref-load {args.ref_load}: no config.json there")
     return errors
