@@ -22,7 +22,7 @@ from slime.utils.allocator import active_allocator
 from slime.utils.arguments import parse_args
 from slime.utils.errors import run_main
 from slime.utils.memory import PeakMemoryTracker
-from slime.utils.preflight import check_run
+from slime.ray.preflight import check_run
 from slime.utils.metrics import MetricsLogger, Progress, format_line
 from slime.utils.run_summary import summarize
 
@@ -35,7 +35,7 @@ def train(args) -> dict:
     with ray_cluster(num_cpus=max(num_bundles(args), os.cpu_count() or 1)):
         pgs = create_placement_groups(args)
         rollout_manager = create_rollout_manager(args, pgs)
-        actor_model = create_training_models(args, pgs, rollout_manager)
+        actor_model = create_training_models(args, pgs)
         pids = [rollout_manager.engine_pid, *actor_model.pids()]
         for pid in pids:
             memory.add_pid(pid)
@@ -58,9 +58,9 @@ def train(args) -> dict:
         for rollout_id in range(start_rollout, num_rollout):
             step_start = time.time()
             with Progress(f"rollout {rollout_id}", total=3, unit="phase") as progress:
-                data, metrics = rollout_manager.generate(rollout_id)
+                batch, metrics = rollout_manager.generate(rollout_id)
                 progress.update()
-                metrics |= actor_model.train(rollout_id, data)
+                metrics |= actor_model.train(rollout_id, batch)
                 progress.update()
                 if should_save(args, rollout_id, num_rollout):
                     actor_model.save(rollout_id, rollout_manager.state_dict())

@@ -5,6 +5,8 @@ Actor ``i`` runs in bundle ``first_bundle + i`` and is constructed as
 ``actor_cls(*args, rank=i, world_size=N, **kwargs)``.  Its environment holds
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, so
 ``torch.distributed.init_process_group(backend)`` needs no further arguments.
+With ``distributed=False`` the actors are independent processes (e.g. the rollout
+engine): constructed as ``actor_cls(*args, **kwargs)``, with none of those variables.
 
 Errors: a :class:`UserError` raised inside an actor method reaches the driver
 as that same UserError (not wrapped in Ray's ``RayTaskError`` with a remote
@@ -71,12 +73,24 @@ def get_all(refs: Sequence[ray.ObjectRef]) -> list[Any]:
         raise cause from None
 
 
+def _world_env(group: PlacementGroup, first_bundle: int, num_actors: int) -> dict[str, str]:
+    """The rendezvous variables every rank shares (``RANK`` is added per actor)."""
+    return {
+        "MASTER_ADDR": bundle_node_ip(group, first_bundle),
+        # Found on the driver: right when rank 0 shares its node, which PACK makes the usual case.
+        "MASTER_PORT": str(find_free_port()),
+        "WORLD_SIZE": str(num_actors),
+        # One actor per bundle: each sees its single GPU (if any) as device 0.
+        "LOCAL_RANK": "0",
+    }
+
+
 class RayActorGroup:
     """``num_actors`` instances of a plain class, one per bundle of ``group``.
 
     Shapes: bundles ``[first_bundle, first_bundle + num_actors)`` must exist
     in ``group``; each actor reserves that bundle's 1 CPU (and 1 GPU when
-    ``use_gpu``).
+    ``use_gpu``).  ``env_vars`` go to every actor's environment.
     """
 
     def __init__(
@@ -90,6 +104,7 @@ class RayActorGroup:
         kwargs: dict[str, Any] | None = None,
         first_bundle: int = 0,
         env_vars: dict[str, str] | None = None,
+        distributed: bool = True,
     ) -> None:
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
@@ -102,21 +117,14 @@ class RayActorGroup:
             # Rank 0's node (for MASTER_ADDR) is only known once bundles are placed.
             raise RuntimeError("placement group not ready; create it with slime.ray.cluster.create_placement_group")
         remote_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(actor_cls)
-        master = {
-            "MASTER_ADDR": bundle_node_ip(group, first_bundle),
-            # Found on the driver: right when rank 0 shares its node, which PACK makes the usual case.
-            "MASTER_PORT": str(find_free_port()),
-        }
+        world = _world_env(group, first_bundle, num_actors) if distributed else None
         self.actors: list[ray.actor.ActorHandle] = []
         for rank in range(num_actors):
-            env = {
-                **(env_vars or {}),
-                **master,
-                "RANK": str(rank),
-                "WORLD_SIZE": str(num_actors),
-                # One actor per bundle: each sees its single GPU (if any) as device 0.
-                "LOCAL_RANK": "0",
-            }
+            env = dict(env_vars or {})
+            rank_kwargs = {}
+            if world is not None:
+                env.update(world, RANK=str(rank))
+                rank_kwargs = {"rank": rank, "world_size": num_actors}
             # Ray merges these env_vars into the job's runtime_env (which puts slime on PYTHONPATH).
             options = remote_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -124,9 +132,7 @@ class RayActorGroup:
                 ),
                 runtime_env={"env_vars": env},
             )
-            self.actors.append(
-                options.remote(*args, rank=rank, world_size=num_actors, **(kwargs or {}))
-            )
+            self.actors.append(options.remote(*args, **rank_kwargs, **(kwargs or {})))
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -20,6 +20,7 @@ from slime.backends.megatron_utils.actor import MegatronTrainRayActor
 from slime.ray.actor_group import RayActorGroup, get_all
 from slime.ray.cluster import create_placement_group
 from slime.ray.rollout import RolloutManager
+from slime.rollout.batch import RolloutBatch
 from slime.utils.allocator import allocator_env
 
 
@@ -48,7 +49,6 @@ class TrainGroup:
     """The training processes as one object: each verb runs on every rank (they are collectives)."""
 
     def __init__(self, args: argparse.Namespace, pgs: PlacementGroups) -> None:
-        self.args = args
         self.infos: list[dict] = []  # what each rank's init returned (pid, trainable count)
         threads = max(1, (os.cpu_count() or 1) // args.world_size)
         self.group = RayActorGroup(MegatronTrainRayActor, args.world_size, pgs.group, use_gpu=torch.cuda.is_available(),
@@ -59,9 +59,9 @@ class TrainGroup:
     def async_init(self, args: argparse.Namespace, role: str = "actor") -> list[ray.ObjectRef]:
         return self.group.async_call("init", args, role)
 
-    def train(self, rollout_id: int, data: dict) -> dict:
-        data_ref = ray.put(data)  # one copy in the object store, read by every rank
-        return self.group.call("train", rollout_id, data_ref)[0]
+    def train(self, rollout_id: int, batch: RolloutBatch) -> dict:
+        batch_ref = ray.put(batch)  # one copy in the object store, read by every rank
+        return self.group.call("train", rollout_id, batch_ref)[0]
 
     def update_weights(self, rollout_manager: RolloutManager) -> dict:
         """Push the newest weights to the rollout engine (with LoRA: the adapter tensors only).
@@ -86,7 +86,7 @@ class TrainGroup:
         return [info["pid"] for info in self.infos]
 
 
-def create_training_models(args: argparse.Namespace, pgs: PlacementGroups, rollout_manager: RolloutManager) -> TrainGroup:
+def create_training_models(args: argparse.Namespace, pgs: PlacementGroups) -> TrainGroup:
     """Start the training actors and build the policy in each (LoRA inside, optimizer after)."""
     actor_model = TrainGroup(args, pgs)
     actor_model.infos = get_all(actor_model.async_init(args, role="actor"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from slime.rollout.engines import ENGINES
 from slime.utils.errors import raise_collected
 from slime.utils.peft_format import CONFIG_NAME
 
@@ -36,6 +37,8 @@ def _path_errors(args: argparse.Namespace) -> list[str]:
     adapter = args.lora.adapter_path if args.lora else None
     if adapter and not (Path(adapter) / CONFIG_NAME).is_file():
         errors.append(f"--lora-adapter-path {adapter}: no {CONFIG_NAME} there (a PEFT adapter directory)")
+    if args.rollout_engine not in ENGINES:
+        errors.append(f"--rollout-engine {args.rollout_engine}: unknown; choose one of {', '.join(sorted(ENGINES))}")
     if args.ref_load and not (Path(args.ref_load) / "config.json").is_file():
         errors.append(f"--ref-load {args.ref_load}: no config.json there")
     return errors

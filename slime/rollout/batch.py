@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from slime.rollout.data import Sample
+
+
+def repeat_prompts(prompts: Sequence[Sample], n: int) -> list[Sample]:
+    """Each prompt ``n`` times in a row (shallow copies), with ``group_index`` its prompt group.
+
+    A prompt drawn twice in a row (a prompt file may repeat a prompt) continues the group, so
+    the trainer packs all its samples into one row and computes the prompt once.
+    """
+    samples: list[Sample] = []
+    group_index = -1
+    for prompt in prompts:
+        if not samples or samples[-1].prompt_token_ids != prompt.prompt_token_ids:
+            group_index += 1
+        for _ in range(n):
+            sample = copy.copy(prompt)
+            sample.group_index = group_index
+            samples.append(sample)
+    return samples
 
 
 def group_advantages(rewards: Sequence[float], group_size: int, estimator: str = "grpo") -> torch.Tensor:
@@ -21,3 +43,68 @@ def group_advantages(rewards: Sequence[float], group_size: int, estimator: str =
     if estimator == "grpo" and group_size > 1:
         centred = centred / (groups.std(dim=1, keepdim=True) + 1e-6)
     return centred.reshape(-1)
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout's training data, ``N`` samples; it crosses Ray from the driver to every trainer.
+
+    Per sample ``i`` (every field is a length-``N`` list):
+
+    * ``tokens[i]``: prompt + response ids, ``[P_i + L_i]``;
+    * ``prompt_lens[i]``: ``P_i``, so the response is ``tokens[i][P_i:]``;
+    * ``rollout_logprobs[i]``: ``[L_i]``, the engine's ``log_softmax(logits / T)`` of each response token;
+    * ``advantages[i]``: one float, shared by every response token of the sample;
+    * ``group_ids[i]``: the index of the sample's prompt group within the rollout.
+
+    A prompt group is a run of consecutive samples with the same prompt: the trainer packs it
+    into one row (``slime.backends.megatron_utils.packing``) and hands whole groups to the
+    data-parallel ranks.  Samples with one id are therefore consecutive and share one prompt.
+    Advantages are normalised separately, over the ``n`` samples of each prompt draw
+    (:func:`group_advantages`).
+    """
+
+    tokens: list[list[int]]
+    prompt_lens: list[int]
+    rollout_logprobs: list[list[float]]
+    advantages: list[float]
+    group_ids: list[int]
+
+    def __post_init__(self) -> None:
+        n = len(self.tokens)
+        sizes = [len(self.prompt_lens), len(self.rollout_logprobs), len(self.advantages), len(self.group_ids)]
+        if any(size != n for size in sizes):
+            raise ValueError(f"RolloutBatch: {n} token lists but {sizes} prompt_lens, rollout_logprobs, "
+                             "advantages, group_ids")
+        closed: set[int] = set()
+        for i in range(1, n):
+            if self.group_ids[i] == self.group_ids[i - 1]:
+                if self.prompt(i) != self.prompt(i - 1):
+                    raise ValueError(f"RolloutBatch: samples {i - 1} and {i} share group {self.group_ids[i]} "
+                                     "but not their prompt")
+            else:
+                closed.add(self.group_ids[i - 1])
+                if self.group_ids[i] in closed:
+                    raise ValueError(f"RolloutBatch: group {self.group_ids[i]} is not consecutive (sample {i})")
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample], advantages: list[float]) -> RolloutBatch:
+        """Rolled-out ``samples`` (response and ``group_index`` set) with one advantage each."""
+        return cls(
+            tokens=[s.prompt_token_ids + s.response_token_ids for s in samples],
+            prompt_lens=[len(s.prompt_token_ids) for s in samples],
+            rollout_logprobs=[s.rollout_logprobs for s in samples],
+            advantages=advantages,
+            group_ids=[s.group_index for s in samples],
+        )
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def prompt(self, i: int) -> list[int]:
+        """Sample ``i``'s prompt ids, ``[P_i]``."""
+        return self.tokens[i][: self.prompt_lens[i]]
+
+    def response(self, i: int) -> list[int]:
+        """Sample ``i``'s response ids, ``[L_i]``."""
+        return self.tokens[i][self.prompt_lens[i] :]

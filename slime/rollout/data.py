@@ -31,7 +31,8 @@ class Sample:
     """One prompt and, once rolled out, one response to it.
 
     ``index`` is the row number in the prompt file (0-based), stable across
-    epochs; ``group_index`` groups the n samples drawn for the same prompt.
+    epochs; ``group_index`` is the sample's prompt group within its rollout (the
+    n samples drawn for one prompt share it; see ``RolloutBatch.group_ids``).
     ``prompt_token_ids`` tokenise ``prompt`` exactly, without extra special
     tokens, so trainer and rollout engine see the same ids.
     """

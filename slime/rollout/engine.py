@@ -9,9 +9,12 @@ either can implement it later without the trainer noticing:
   ``POST /load_lora_adapter {lora_name, lora_path}`` and its inverse, plus an
   in-memory variant (``tensors=``) for pushing fresh LoRA weights after every
   training step without a round trip through the disk;
-* ``update_weights`` mirrors ``/update_weights_from_tensor`` for full-parameter RL.
+* ``update_weights`` mirrors ``/update_weights_from_tensor`` for full-parameter RL;
+* ``apply_update`` is the one call the RL loop makes after every training step: it routes the
+  trainer's export to ``load_lora_adapter`` (as :data:`POLICY_ADAPTER`) or ``update_weights``.
 
-The built-in CPU implementation is :class:`slime.rollout.hf_engine.HFRolloutEngine`.
+The built-in CPU implementation is :class:`slime.rollout.hf_engine.HFRolloutEngine`;
+:mod:`slime.rollout.engines` maps ``--rollout-engine`` names to implementations.
 """
 
 from __future__ import annotations
@@ -81,6 +84,11 @@ class GenerateOutput:
 
 
 LoraNames = Sequence["str | None"] | str | None
+# What the trainer exports after a step: ``(tensors, adapter_config)`` for a LoRA adapter (PEFT
+# key names), or ``(tensors, None)`` for full weights (HF parameter names).
+WeightUpdate = tuple[dict[str, torch.Tensor], dict | None]
+# The adapter name the RL loop trains and samples from.
+POLICY_ADAPTER = "policy"
 
 
 @runtime_checkable
@@ -142,6 +150,20 @@ class RolloutEngine(Protocol):
         """Overwrite base-model weights (HF parameter names, any subset) in place."""
         ...
 
+    def apply_update(self, payload: WeightUpdate) -> dict:
+        """Switch to the trainer's newest weights.
+
+        ``(tensors, config)`` with a config: ``load_lora_adapter(POLICY_ADAPTER, tensors=tensors,
+        config=config)``; ``(tensors, None)``: ``update_weights(tensors)``.  Returns metrics:
+        ``sync/bytes`` (sum of ``numel * element_size`` over the tensors), ``sync/tensors`` and
+        ``sync/engine_seconds``.
+        """
+        ...
+
     def health(self) -> dict:
         """A JSON-serialisable status summary (``{"status": "ok", ...}`` when serving)."""
+        ...
+
+    def pid(self) -> int:
+        """The OS process id of the engine (whose memory the run reports)."""
         ...

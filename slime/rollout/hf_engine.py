@@ -23,8 +23,8 @@ existing parameters, so a per-step LoRA sync is a memcpy, not a re-injection.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -32,14 +32,12 @@ import peft
 import torch
 from peft.functional import delete_adapter, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
-from slime.rollout.engine import GenerateOutput, LoraNames, SamplingParams
+from slime.rollout.engine import POLICY_ADAPTER, GenerateOutput, LoraNames, SamplingParams, WeightUpdate
 from slime.utils.errors import UserError
+from slime.utils.peft_format import PEFT_KEY_PREFIX, read_peft_adapter, validate_adapter_config
 
-# The PEFT save format prefixes module paths with this (PeftModel -> LoraModel -> HF model).
-_PEFT_KEY_PREFIX = "base_model.model."
 # The LoraConfig fields that fix which modules get adapters, their shapes and the
 # scaling; a re-load that agrees on all of them can reuse the injected parameters.
 # (Others, e.g. base_model_name_or_path or auto_mapping, vary with how it was saved.)
@@ -239,7 +237,7 @@ class HFRolloutEngine:
         params: dict[str, torch.Tensor] = {}
         for module_name, module in self.model.named_modules():
             if isinstance(module, LoraLayer) and name in module.lora_A:
-                prefix = f"{_PEFT_KEY_PREFIX}{module_name}"
+                prefix = f"{PEFT_KEY_PREFIX}{module_name}"
                 params[f"{prefix}.lora_A.weight"] = module.lora_A[name].weight
                 params[f"{prefix}.lora_B.weight"] = module.lora_B[name].weight
         self._adapters[name] = _Adapter(signature=_config_signature(lora_config), params=params)
@@ -288,6 +286,20 @@ class HFRolloutEngine:
             for key, value in state_dict.items():
                 self._base_tensors[key].copy_(value)
         self._weight_updates += 1
+
+    def apply_update(self, payload: WeightUpdate) -> dict:
+        """See :meth:`slime.rollout.engine.RolloutEngine.apply_update`."""
+        start = time.time()
+        tensors, config = payload
+        if config is not None:
+            self.load_lora_adapter(POLICY_ADAPTER, tensors=tensors, config=config)
+        else:
+            self.update_weights(tensors)
+        return {"sync/bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                "sync/tensors": len(tensors), "sync/engine_seconds": time.time() - start}
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def health(self) -> dict:
         return {
@@ -351,7 +363,7 @@ def _sample(
         filtered = _truncate(scaled, params.top_k, params.top_p)
         probs = logp.exp() if filtered is scaled else torch.softmax(filtered, dim=-1)
         # Inverse-CDF sampling: one uniform per row. torch.multinomial draws an exponential per
-        # vocabulary entry instead, which was 13% of decoding time at a 49k vocabulary.
+        # vocabulary entry instead, 13% of decoding time at a 49k vocabulary.
         cdf = probs.cumsum(dim=-1)
         u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
@@ -437,26 +449,14 @@ def _check_adapter_name(name: str) -> None:
 
 
 def _read_peft_dir(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` from a PEFT directory."""
-    config_file = os.path.join(path, "adapter_config.json")
-    weights_file = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(config_file):
-        raise UserError(f"LoRA adapter dir {path!r} has no adapter_config.json: pass a PEFT save_pretrained dir")
-    if not os.path.isfile(weights_file):
-        raise UserError(f"LoRA adapter dir {path!r} has no adapter_model.safetensors (pickled .bin is not read)")
-    with open(config_file) as f:
-        config = json.load(f)
-    return load_file(weights_file), config
+    """``(tensors under their PEFT keys, adapter_config.json)`` of a PEFT directory, validated."""
+    adapter = read_peft_adapter(path)
+    return adapter.state_dict(), adapter.config
 
 
 def _lora_config(config: dict, source: str) -> peft.LoraConfig:
     """Build an inference-only LoraConfig from adapter_config.json contents; reject unsupported variants."""
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{source}: peft_type {config.get('peft_type')!r} is not supported; only LORA")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise UserError(f"{source}: LoRA bias terms are not supported; save the adapter with bias='none'")
-    if config.get("use_dora") or config.get("modules_to_save"):
-        raise UserError(f"{source}: DoRA / modules_to_save adapters are not supported; use plain LoRA")
+    validate_adapter_config(config, source)
     known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     kwargs = {k: v for k, v in config.items() if k in known and k not in ("peft_type", "task_type")}
     kwargs.update(lora_dropout=0.0, inference_mode=True)

@@ -88,7 +88,8 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
 
 def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("rollout and data")
-    g.add_argument("--rollout-engine", choices=["hf"], default="hf", help="hf: built-in transformers + peft engine")
+    g.add_argument("--rollout-engine", type=str, default="hf",
+                   help="the rollout engine, a name of slime/rollout/engines.py (hf: built-in transformers + peft)")
     g.add_argument("--prompt-data", type=str, default=None, help="jsonl (or parquet) of prompts")
     g.add_argument("--input-key", type=str, default="prompt")
     g.add_argument("--label-key", type=str, default="label")

@@ -58,6 +58,16 @@ class GlooWorker:
         raise ValueError("not a user error")
 
 
+class PlainWorker:
+    """An actor outside any torch.distributed world: constructed without rank or world_size."""
+
+    def __init__(self, name: str, *, suffix: str = "") -> None:
+        self.name = name + suffix
+
+    def identity(self) -> dict:
+        return {"name": self.name, "env": {key: os.environ.get(key) for key in (*ENV_KEYS, "SLIME_TEST_VAR")}}
+
+
 @pytest.fixture(scope="module")
 def cluster():
     with ray_cluster(num_cpus=CLUSTER_CPUS):
@@ -89,6 +99,21 @@ def test_actors_get_rank_world_size_and_rendezvous_env(gloo_group):
     assert [first["env"]["RANK"], second["env"]["RANK"]] == ["0", "1"]
     assert str(REPO_ROOT) in first["env"]["PYTHONPATH"].split(os.pathsep)
     assert gloo_group.call_rank0("identity")["rank"] == 0
+
+
+def test_independent_actors_get_no_rank_and_no_rendezvous_env(cluster):
+    group = create_placement_group(1, use_gpu=False)
+    actors = RayActorGroup(PlainWorker, 1, group, use_gpu=False, args=("engine",), kwargs={"suffix": "-0"},
+                           env_vars={"SLIME_TEST_VAR": "on"}, distributed=False)
+    try:
+        seen = actors.call_rank0("identity")
+        assert seen["name"] == "engine-0"
+        assert seen["env"]["SLIME_TEST_VAR"] == "on"
+        assert [seen["env"][key] for key in ENV_KEYS[:5]] == [None] * 5  # RANK ... MASTER_PORT
+        assert str(REPO_ROOT) in seen["env"]["PYTHONPATH"].split(os.pathsep)
+    finally:
+        actors.kill()
+        ray.util.remove_placement_group(group)
 
 
 def test_user_error_surfaces_unwrapped_even_while_other_ranks_wait(cluster):

@@ -12,6 +12,7 @@ prefix sharing.  Measured once on the 2-core dev machine: see ``_benchmark``.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from slime.rollout.engine import GenerateOutput, RolloutEngine, SamplingParams
+from slime.rollout.engine import POLICY_ADAPTER, GenerateOutput, RolloutEngine, SamplingParams
 from slime.rollout.hf_engine import HFRolloutEngine
 from slime.utils.errors import UserError
 from tests._support.adapters import peft_adapter_with_random_b
@@ -206,6 +207,26 @@ def test_adapter_from_tensors_matches_directory(engine, peft_reference):
     a = engine.generate(PROMPTS, GREEDY, lora_names="from_dir")
     b = engine.generate(PROMPTS, GREEDY, lora_names="from_tensors")
     assert [(o.token_ids, o.logprobs) for o in a] == [(o.token_ids, o.logprobs) for o in b]
+
+
+def test_apply_update_routes_an_adapter_or_full_weights(engine, peft_reference):
+    peft_model, path = peft_reference
+    engine.load_lora_adapter("from_dir", path)
+    tensors = get_peft_model_state_dict(peft_model)
+    metrics = engine.apply_update((tensors, peft_model.peft_config["default"].to_dict()))
+    assert engine.list_adapters() == sorted(["from_dir", POLICY_ADAPTER])
+    assert metrics["sync/bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert metrics["sync/tensors"] == len(tensors) and metrics["sync/engine_seconds"] >= 0
+    a = engine.generate(PROMPTS, GREEDY, lora_names="from_dir")
+    b = engine.generate(PROMPTS, GREEDY, lora_names=POLICY_ADAPTER)
+    assert [(o.token_ids, o.logprobs) for o in a] == [(o.token_ids, o.logprobs) for o in b]
+
+    head = engine.model.get_output_embeddings().weight
+    new_head = torch.randn(head.shape, generator=torch.Generator().manual_seed(3))
+    metrics = engine.apply_update(({"lm_head.weight": new_head}, None))
+    assert torch.equal(engine.model.get_output_embeddings().weight, new_head)
+    assert engine.health()["weight_updates"] == 1 and metrics["sync/bytes"] == new_head.numel() * 4
+    assert engine.pid() == os.getpid()  # in-process here; the engine actor's process under Ray
 
 
 def test_replacing_adapter_tensors_copies_in_place(engine, checkpoint, peft_reference):

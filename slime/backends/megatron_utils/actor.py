@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from slime.backends.megatron_utils.loss import (
-    gather_full_vocab,
     kl_penalty,
     policy_loss,
     token_logprobs_and_entropy,
@@ -25,12 +24,26 @@ from slime.backends.megatron_utils.loss import (
 from slime.backends.megatron_utils.packing import (
     PackedBatch,
     collate,
-    group_by_prompt,
+    group_rows,
     logits_only_at,
     plan_micro_batches,
     rope_at_positions,
 )
+from slime.backends.megatron_utils.parallel import gather_vocab
+from slime.rollout.batch import RolloutBatch
 from slime.utils.errors import UserError
+
+
+class Totals:
+    """Slots of the float64 ``[SIZE]`` tensor of one rollout's sums (this rank's, then over DP).
+
+    Summed over response tokens: ``LOSS`` (policy-gradient loss), ``KL``, ``ENTROPY``,
+    ``CLIPPED`` (tokens where clipping bit), ``TOKENS``; ``GAP`` sums ``|logp - logp_rollout|``
+    over the ``GAP_TOKENS`` tokens where the rollout-vs-trainer gap is measured.
+    """
+
+    LOSS, KL, ENTROPY, GAP, CLIPPED, TOKENS, GAP_TOKENS = range(7)
+    SIZE = 7
 
 
 class MegatronTrainRayActor:
@@ -69,25 +82,25 @@ class MegatronTrainRayActor:
         """Log-probs and entropies ``[T]`` of the micro-batch's response tokens at the rollout temperature."""
         with rope_at_positions(model[0], mb.position_ids), logits_only_at(model[0], mb.pred_row, mb.pred_col):
             logits = model[0](mb.tokens, mb.position_ids, mb.attention_mask)  # [T, 1, V/tp]
-        logits = gather_full_vocab(logits[:, 0])  # [T, V]
+        logits = gather_vocab(logits[:, 0])  # [T, V]
         return token_logprobs_and_entropy(logits, mb.targets, self.arch.vocab_size, self.args.rollout_temperature,
                                           with_entropy=entropy)
 
-    def _micro_batches(self, samples: list[int], data: dict) -> list[PackedBatch]:
-        groups = group_by_prompt(samples, data)
-        plan = plan_micro_batches(groups, data, self.args.micro_batch_size, self.args.max_tokens_per_micro_batch)
+    def _micro_batches(self, samples: list[int], batch: RolloutBatch) -> list[PackedBatch]:
+        groups = group_rows(samples, batch)
+        plan = plan_micro_batches(groups, batch, self.args.micro_batch_size, self.args.max_tokens_per_micro_batch)
         # Sequence parallelism splits every row into TP equal slices of the sequence.
         tp = self.args.tensor_model_parallel_size
         multiple = tp if self.args.sequence_parallel and tp > 1 else 1
-        return [collate(rows, data, width_multiple=multiple) for rows in plan]
+        return [collate(rows, batch, width_multiple=multiple) for rows in plan]
 
-    def _my_samples(self, samples: range, data: dict) -> list[int]:
-        """This DP rank's share: whole prompt groups, round robin."""
-        groups = group_by_prompt(list(samples), data)
+    def _my_samples(self, samples: range, batch: RolloutBatch) -> list[int]:
+        """This DP rank's share: whole groups (``batch.group_ids``), round robin."""
+        groups = group_rows(list(samples), batch)
         return [i for g, group in enumerate(groups) if g % self.dp_size == self.dp_rank for i in group]
 
     @torch.no_grad()
-    def _reference_logprobs(self, mb: MicroBatch) -> torch.Tensor:
+    def _reference_logprobs(self, mb: PackedBatch) -> torch.Tensor:
         """The reference policy: with LoRA, this very model with adapters off (no second copy)."""
         if self.ref_model is not None:
             return self._logprobs(self.ref_model, mb)[0]
@@ -98,37 +111,38 @@ class MegatronTrainRayActor:
 
     # ------------------------------------------------------------------ train
 
-    def train(self, rollout_id: int, data: dict) -> dict:
-        """One rollout's update: ``len(tokens) / global_batch_size`` optimizer steps.
+    def train(self, rollout_id: int, batch: RolloutBatch) -> dict:
+        """One rollout's update: ``N / global_batch_size`` optimizer steps over the ``N`` samples.
 
-        ``data`` holds, per sample (grouped by prompt): ``tokens`` (prompt + response ids),
-        ``prompt_lens``, ``rollout_logprobs`` (one per response token) and ``advantages``.
-        Before any update, the trainer's log-probs are compared with the rollout engine's.
+        Step ``s`` trains samples ``[s N / steps, (s + 1) N / steps)``, split over DP ranks by whole
+        groups.  Before any update, the trainer's log-probs are compared with the rollout engine's.
         """
         args = self.args
         start = time.time()
         for chunk in self.model:
             chunk.train()
-        n = len(data["tokens"])
+        n = len(batch)
         steps = max(1, n // args.global_batch_size)
         step_size = n // steps
-        totals = torch.zeros(7, dtype=torch.float64)  # loss, kl, entropy, gap, clipped, tokens, gap_tokens
+        totals = torch.zeros(Totals.SIZE, dtype=torch.float64)
         grad_norms = []
+        old_logp = None
         for step in range(steps):
-            batches = self._micro_batches(self._my_samples(range(step * step_size, (step + 1) * step_size), data), data)
+            mine = self._my_samples(range(step * step_size, (step + 1) * step_size), batch)
+            batches = self._micro_batches(mine, batch)
             if steps > 1 and step == 0:
                 # The policy moves after step 0: measure the gap and take old log-probs for all
                 # samples now, with one no-grad pass.
-                self._old_logp = self._no_grad_logprobs(data, totals)
+                old_logp = self._no_grad_logprobs(batch, totals)
             local_tokens = float(sum(mb.num_tokens for mb in batches))
             step_tokens = self._dp_sum(torch.tensor([local_tokens]))[0].item()
             self.optimizer.zero_grad()
             for mb in batches:
-                self._train_micro_batch(mb, step_tokens, steps, totals)
+                self._train_micro_batch(mb, step_tokens, old_logp, totals)
             norm, lr = self.optimizer.step()
             grad_norms.append(norm)
         totals = self._dp_sum(totals)
-        loss, kl, ent, gap, clipped, tokens, gap_tokens = totals.tolist()
+        loss, kl, ent, gap, clipped, tokens, gap_tokens = totals.tolist()  # in Totals' order
         metrics = {
             "train/loss": loss / max(tokens, 1), "train/entropy": ent / max(tokens, 1),
             "train/rollout_logprob_abs_diff": gap / max(gap_tokens, 1), "train/clipfrac": clipped / max(tokens, 1),
@@ -140,39 +154,47 @@ class MegatronTrainRayActor:
         self._check_gap(rollout_id, metrics["train/rollout_logprob_abs_diff"])
         return metrics
 
-    def _train_micro_batch(self, mb: PackedBatch, step_tokens: float, steps: int, totals: torch.Tensor) -> None:
+    def _train_micro_batch(self, mb: PackedBatch, step_tokens: float, old_logp: dict[int, torch.Tensor] | None,
+                           totals: torch.Tensor) -> None:
+        """Accumulate one micro-batch's gradient (the loss of ``slime.backends.megatron_utils.loss``).
+
+        ``old_logp``: per sample index, the ``[L_i]`` log-probs of the policy that generated the
+        rollout; None when the rollout is one optimizer step (then they are this forward's, detached).
+        ``totals``: the ``[Totals.SIZE]`` sums, added to in place.
+        """
         args = self.args
         ref_logp = self._reference_logprobs(mb) if args.use_kl_loss else None
         logp, entropy = self._logprobs(self.model, mb, entropy=args.entropy_coef > 0)
-        if steps == 1:
-            old_logp = logp.detach()  # one update per rollout: ratio is 1, no second forward needed
-            totals[3] += float((logp.detach() - mb.rollout_logp).abs().sum())
-            totals[6] += mb.num_tokens
+        if old_logp is None:
+            mb_old_logp = logp.detach()  # one update per rollout: ratio is 1, no second forward needed
+            totals[Totals.GAP] += float((logp.detach() - mb.rollout_logp).abs().sum())
+            totals[Totals.GAP_TOKENS] += mb.num_tokens
         else:
-            old_logp = torch.cat([self._old_logp[i] for i in mb.index])
-        pg, clipped = policy_loss(logp, old_logp, mb.advantages, args.eps_clip, args.eps_clip_high)
+            mb_old_logp = torch.cat([old_logp[i] for i in mb.index])
+        pg, clipped = policy_loss(logp, mb_old_logp, mb.advantages, args.eps_clip, args.eps_clip_high)
         loss = pg
         if ref_logp is not None:
             kl = kl_penalty(logp, ref_logp, args.kl_loss_type).sum()
             loss = loss + args.kl_loss_coef * kl
-            totals[1] += float(kl.detach())
+            totals[Totals.KL] += float(kl.detach())
         if args.entropy_coef > 0:
             loss = loss - args.entropy_coef * entropy.sum()
         # Token mean over the global step; the optimizer averages over DP ranks, so undo that.
         (loss * self.dp_size / max(step_tokens, 1.0)).backward()
-        totals[0] += float(pg.detach())
-        totals[2] += float(entropy.detach().sum())
-        totals[4] += float(clipped)
-        totals[5] += mb.num_tokens
+        totals[Totals.LOSS] += float(pg.detach())
+        totals[Totals.ENTROPY] += float(entropy.detach().sum())
+        totals[Totals.CLIPPED] += float(clipped)
+        totals[Totals.TOKENS] += mb.num_tokens
 
     @torch.no_grad()
-    def _no_grad_logprobs(self, data: dict, totals: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Per sample, the current policy's log-probs (old log-probs when a rollout takes several steps)."""
+    def _no_grad_logprobs(self, batch: RolloutBatch, totals: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per sample index, the current policy's ``[L_i]`` log-probs (old log-probs when a rollout
+        takes several steps); adds the rollout-vs-trainer gap to ``totals``."""
         old = {}
-        for mb in self._micro_batches(self._my_samples(range(len(data["tokens"])), data), data):
+        for mb in self._micro_batches(self._my_samples(range(len(batch)), batch), batch):
             logp = self._logprobs(self.model, mb)[0]
-            totals[3] += float((logp - mb.rollout_logp).abs().sum())
-            totals[6] += mb.num_tokens
+            totals[Totals.GAP] += float((logp - mb.rollout_logp).abs().sum())
+            totals[Totals.GAP_TOKENS] += mb.num_tokens
             for local, i in enumerate(mb.index):
                 old[i] = logp[mb.sample == local]
         return old
@@ -203,7 +225,7 @@ class MegatronTrainRayActor:
         if self.args.use_lora:
             from slime_plugins.lora.peft_io import adapter_state_tensors
 
-            tensors, config = adapter_state_tensors(self.model, self.arch, self.args)
+            tensors, config = adapter_state_tensors(self.model, self.arch, self.args.lora, self.args.hf_checkpoint)
         else:
             from slime.backends.megatron_utils.hf_convert import export_hf_weights
 

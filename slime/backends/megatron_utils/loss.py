@@ -17,16 +17,6 @@ from __future__ import annotations
 import torch
 
 
-def gather_full_vocab(logits_local: torch.Tensor) -> torch.Tensor:
-    """``[..., V/tp]`` vocab-parallel logits -> ``[..., V_padded]`` (all-gather fwd, split bwd)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return logits_local
-    return gather_from_tensor_model_parallel_region(logits_local)
-
-
 def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                                temperature: float = 1.0, *, with_entropy: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor]:

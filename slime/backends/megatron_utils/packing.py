@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slime.rollout.batch import RolloutBatch
+
 
 @dataclass
 class PackedBatch:
@@ -46,38 +48,36 @@ class PackedBatch:
         return int(self.targets.numel())
 
 
-def group_by_prompt(samples: list[int], data: dict) -> list[list[int]]:
-    """Consecutive samples with the same prompt ids form one group (rollouts keep groups together)."""
+def group_rows(samples: list[int], batch: RolloutBatch) -> list[list[int]]:
+    """Sample indices into rows: consecutive ``samples`` with the same ``batch.group_ids`` form one
+    row (samples of one group are consecutive in a rollout and share their prompt)."""
     groups: list[list[int]] = []
     for i in samples:
-        if groups and _prompt(data, groups[-1][0]) == _prompt(data, i):
+        if groups and batch.group_ids[groups[-1][-1]] == batch.group_ids[i]:
             groups[-1].append(i)
         else:
             groups.append([i])
     return groups
 
 
-def _prompt(data: dict, i: int) -> list[int]:
-    return data["tokens"][i][: data["prompt_lens"][i]]
+def row_width(group: list[int], batch: RolloutBatch) -> int:
+    """``P + sum_i L_i``: the shared prompt once, then every response of the row."""
+    prompt_len = batch.prompt_lens[group[0]]
+    return prompt_len + sum(len(batch.tokens[i]) - prompt_len for i in group)
 
 
-def row_width(group: list[int], data: dict) -> int:
-    prompt_len = data["prompt_lens"][group[0]]
-    return prompt_len + sum(len(data["tokens"][i]) - prompt_len for i in group)
-
-
-def plan_micro_batches(groups: list[list[int]], data: dict, micro_batch_size: int,
+def plan_micro_batches(groups: list[list[int]], batch: RolloutBatch, micro_batch_size: int,
                        max_tokens: int | None) -> list[list[list[int]]]:
     """Rows (groups), longest first, into micro-batches of at most ``micro_batch_size`` samples or,
     when ``max_tokens`` is set, at most that many padded tokens (a lone row may exceed it)."""
-    order = sorted(groups, key=lambda g: row_width(g, data), reverse=True)
+    order = sorted(groups, key=lambda g: row_width(g, batch), reverse=True)
     batches: list[list[list[int]]] = []
     for group in order:
         current = batches[-1] if batches else None
         if current is None:
             fits = False
         elif max_tokens is not None:
-            fits = row_width(current[0], data) * (len(current) + 1) <= max_tokens
+            fits = row_width(current[0], batch) * (len(current) + 1) <= max_tokens
         else:
             fits = sum(len(g) for g in current) + len(group) <= micro_batch_size
         if fits:
@@ -94,7 +94,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def collate(rows: list[list[int]], data: dict, device: torch.device | str | None = None,
+def collate(rows: list[list[int]], batch: RolloutBatch, device: torch.device | str | None = None,
             width_multiple: int = 1) -> PackedBatch:
     """Build the packed tensors for rows of sample groups (see the module docstring).
 
@@ -103,7 +103,7 @@ def collate(rows: list[list[int]], data: dict, device: torch.device | str | None
     ``S`` is rounded up to a multiple of ``width_multiple`` (sequence parallelism splits the
     sequence into TP equal slices); the extra positions are padding like any other.
     """
-    width = -(-max(row_width(g, data) for g in rows) // width_multiple) * width_multiple
+    width = -(-max(row_width(g, batch) for g in rows) // width_multiple) * width_multiple
     b = len(rows)
     tokens = torch.zeros(b, width, dtype=torch.long)
     positions = torch.zeros(b, width, dtype=torch.long)
@@ -111,13 +111,13 @@ def collate(rows: list[list[int]], data: dict, device: torch.device | str | None
     pred_row, pred_col, targets, rollout_logp, advantages, sample = [], [], [], [], [], []
     index: list[int] = []
     for r, group in enumerate(rows):
-        prompt_len = data["prompt_lens"][group[0]]
-        tokens[r, :prompt_len] = torch.tensor(_prompt(data, group[0]))
+        prompt_len = batch.prompt_lens[group[0]]
+        tokens[r, :prompt_len] = torch.tensor(batch.prompt(group[0]))
         positions[r, :prompt_len] = torch.arange(prompt_len)
         allowed[r, :prompt_len, :prompt_len] = torch.ones(prompt_len, prompt_len, dtype=torch.bool).tril()
         start = prompt_len
         for i in group:
-            response = data["tokens"][i][prompt_len:]
+            response = batch.response(i)
             n = len(response)
             end = start + n
             tokens[r, start:end] = torch.tensor(response)
@@ -127,8 +127,8 @@ def collate(rows: list[list[int]], data: dict, device: torch.device | str | None
             pred_row += [r] * n
             pred_col += [prompt_len - 1] + list(range(start, end - 1))
             targets += response
-            rollout_logp += list(data["rollout_logprobs"][i][:n])
-            advantages += [data["advantages"][i]] * n
+            rollout_logp += list(batch.rollout_logprobs[i][:n])
+            advantages += [batch.advantages[i]] * n
             sample += [len(index)] * n
             index.append(i)
             start = end

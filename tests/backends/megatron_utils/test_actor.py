@@ -1,10 +1,13 @@
 """The training actor without Ray, built by its real ``init``: reference = adapters off (one copy of
 the weights, counted by storage), the log-prob gap check."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
+from slime.rollout.batch import RolloutBatch
 from tests._support.dist import run_distributed
 from tests._support.numerics import SAFETY, UNIT_ROUNDOFF_FP32, arch_tolerance, assert_close, fp32_tolerance
 from tests._support.tiny_models import BASE_CONFIG
@@ -52,19 +55,19 @@ def _init_actor(checkpoint: str, *flags: str, rank: int = 0, world_size: int = 1
     return actor
 
 
-def _rollout_data(vocab: int, seed: int = 0) -> dict:
+def _rollout_data(vocab: int, seed: int = 0) -> RolloutBatch:
     """Two prompts x two responses of random tokens, with advantages (rollout log-probs left at 0)."""
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (6,), generator=g).tolist()
     other = torch.randint(0, vocab, (4,), generator=g).tolist()
     responses = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 3, 4, 2)]
-    return dict(tokens=[prompt + responses[0], prompt + responses[1], other + responses[2], other + responses[3]],
-                prompt_lens=[6, 6, 4, 4], advantages=[1.0, -1.0, 0.5, -0.5],
-                rollout_logprobs=[[0.0] * len(r) for r in responses])
+    tokens = [prompt + responses[0], prompt + responses[1], other + responses[2], other + responses[3]]
+    return RolloutBatch(tokens=tokens, prompt_lens=[6, 6, 4, 4], advantages=[1.0, -1.0, 0.5, -0.5],
+                        rollout_logprobs=[[0.0] * len(r) for r in responses], group_ids=[0, 0, 1, 1])
 
 
 def _actor_checks(rank, checkpoint):
-    from slime.backends.megatron_utils.packing import collate, group_by_prompt
+    from slime.backends.megatron_utils.packing import collate, group_rows
     from slime.utils.errors import UserError
 
     # Without LoRA, --use-kl-loss needs a frozen reference copy: the count must see it.
@@ -78,7 +81,7 @@ def _actor_checks(rank, checkpoint):
     adapter_bytes = sum(p.numel() * p.element_size() for p in actor.optimizer.params)
 
     data = _rollout_data(actor.arch.vocab_size)
-    mb = collate(group_by_prompt(list(range(4)), data), data)
+    mb = collate(group_rows(list(range(4)), data), data)
     with torch.no_grad():
         policy = actor._logprobs(actor.model, mb)[0]
         reference = actor._reference_logprobs(mb)
@@ -89,13 +92,13 @@ def _actor_checks(rank, checkpoint):
 
     # Give the rollout the trainer's own log-probs: the gap is ~0 and training proceeds.
     for local, i in enumerate(mb.index):
-        data["rollout_logprobs"][i] = policy[mb.sample == local].tolist()
+        data.rollout_logprobs[i] = policy[mb.sample == local].tolist()
     metrics = actor.train(0, data)
     with torch.no_grad():
         after_policy = actor._logprobs(actor.model, mb)[0]
         after_reference = actor._reference_logprobs(mb)
     # A stale rollout (base model log-probs after an update) must stop the run.
-    stale = dict(data, rollout_logprobs=[[v - 0.5 for v in lp] for lp in data["rollout_logprobs"]])
+    stale = dataclasses.replace(data, rollout_logprobs=[[v - 0.5 for v in lp] for lp in data.rollout_logprobs])
     try:
         actor.train(1, stale)
         stale_error = None

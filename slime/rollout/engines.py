@@ -1,0 +1,49 @@
+"""Which rollout engine ``--rollout-engine NAME`` runs, and how it is constructed.
+
+:data:`ENGINES` maps each name to the ``module:Class`` path of a
+:class:`slime.rollout.engine.RolloutEngine` implementation.  Adding an engine is one module
+holding the class plus one entry here.  The class is imported only when chosen, so an
+engine's dependencies are needed only by runs that use it.
+
+Every engine is constructed as ``cls(**engine_kwargs(args))``, i.e. with
+
+* ``hf_checkpoint_dir``: ``--hf-checkpoint``, the base model (HF layout);
+* ``dtype``: ``torch.bfloat16`` with ``--bf16``, else ``torch.float32``;
+* ``num_threads``: ``--rollout-num-threads``, default every CPU of the machine;
+* ``merge_adapters``: ``--rollout-merge-lora``, fold the active adapter into the base weights.
+
+An engine that has no use for one of them accepts and ignores it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from typing import Any
+
+import torch
+
+from slime.utils.errors import UserError
+
+ENGINES: dict[str, str] = {
+    "hf": "slime.rollout.hf_engine:HFRolloutEngine",
+}
+
+
+def engine_class(name: str) -> type:
+    """The engine class registered under ``name`` (imported now)."""
+    if name not in ENGINES:
+        raise UserError(f"--rollout-engine {name!r}: unknown; choose one of {sorted(ENGINES)}")
+    module, _, attr = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The constructor arguments of every engine, from slime's flags (see the module docstring)."""
+    return {
+        "hf_checkpoint_dir": args.hf_checkpoint,
+        "dtype": torch.bfloat16 if args.bf16 else torch.float32,
+        "num_threads": args.rollout_num_threads or os.cpu_count(),
+        "merge_adapters": args.rollout_merge_lora,
+    }
