@@ -11,7 +11,6 @@ import tempfile
 import textwrap
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import psutil
 import pytest
