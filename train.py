@@ -12,6 +12,7 @@ import os
 import time
 
 from slime.ray.cluster import ray_cluster
+from slime.ray.preflight import check_run
 from slime.ray.placement_group import (
     create_placement_groups,
     create_rollout_manager,
@@ -22,7 +23,6 @@ from slime.utils.allocator import active_allocator
 from slime.utils.arguments import parse_args
 from slime.utils.errors import run_main
 from slime.utils.memory import PeakMemoryTracker
-from slime.ray.preflight import check_run
 from slime.utils.metrics import MetricsLogger, Progress, format_line
 from slime.utils.run_summary import summarize
 

@@ -212,7 +212,8 @@ def run_child(opts: argparse.Namespace) -> Result:
         if opts.lora_recompute_input:
             flags.append("--lora-recompute-input")
     args = parse_args(flags)
-    model, optimizer, _, _ = initialize_model_and_optimizer(args, arch=ModelArch.from_hf_config(SMOLLM2_135M))
+    built = initialize_model_and_optimizer(args, arch=ModelArch.from_hf_config(SMOLLM2_135M))
+    model, optimizer = built.model, built.optimizer
     for chunk in model:
         chunk.train()
     gen = torch.Generator().manual_seed(opts.seed)
