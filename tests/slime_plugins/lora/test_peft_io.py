@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from slime.backends.megatron_utils.arch import ModelArch
 from slime.backends.megatron_utils.hf_convert import load_hf_weights
 from slime.utils.errors import UserError
-from slime_plugins.lora.lora_layer import lora_modules
 from slime.utils.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from slime_plugins.lora.lora_layer import lora_modules
 from slime_plugins.lora.peft_io import (
     export_peft_adapter,
     load_peft_adapter,
@@ -205,6 +205,25 @@ def test_bad_adapters_are_one_line_errors_and_load_nothing(setup, tmp_path, case
     assert "\n" not in str(info.value) and str(path) in str(info.value)
     after = _lora_state(chunks)
     assert all(torch.equal(before[k], after[k]) for k in before), "nothing may be loaded half-way"
+
+
+def test_an_adapter_of_another_base_model_is_reported_as_that(setup, tmp_path):
+    """A wider and deeper model's adapter: the first complaint is the shape mismatch (a module and
+    both shapes), not the layers this model lacks."""
+    other = make_tiny_checkpoint(tmp_path, family="qwen3", name="wider-deeper", head_dim=16, hidden_size=48,
+                                 num_hidden_layers=4)
+    peft_adapter_with_random_b(other, tmp_path / "foreign", r=4, lora_alpha=8)
+    chunks, arch, args = _build(setup["base"])
+    before = _lora_state(chunks)
+    with pytest.raises(UserError) as info:
+        load_peft_adapter(chunks, arch, tmp_path / "foreign", args.lora)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "foreign") in message
+    assert "the adapter was trained on another base model" in message and "does not exist" not in message
+    assert "lora_A [4, 48]" in message or "/ lora_B [48, 4]" in message  # the adapter's shapes ...
+    assert "weight" in message and "32" in message  # ... and this model's (hidden 32)
+    after = _lora_state(chunks)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 # ----------------------------------------------------------------------------- TP=2
