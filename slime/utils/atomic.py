@@ -111,5 +111,9 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
         return
     retired = temporary_sibling(out_dir, "old")
     os.replace(out_dir, retired)
-    os.replace(staging, out_dir)
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        os.replace(retired, out_dir)  # the old directory goes back to its name
+        raise
     shutil.rmtree(retired, ignore_errors=True)

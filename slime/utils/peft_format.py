@@ -143,13 +143,19 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
     """Read and validate a PEFT adapter directory (JSON + safetensors only, never pickle).
 
     Every key must be ``base_model.model.<module>.lora_{A,B}.weight``; every module needs both
-    matrices with ``A: [r_m, in]``, ``B: [out, r_m]``.  Raises a one-line UserError naming the
+    matrices with ``A: [r_m, in]``, ``B: [out, r_m]``, ``r_m`` the config's rank for it.  Raises a one-line UserError naming the
     file and the module otherwise.
     """
     path = Path(path)
     config = read_adapter_config(path)
     weights_file = path / WEIGHTS_NAME
-    return PeftAdapter(path, config, adapter_modules(_read_tensors(weights_file), weights_file))
+    adapter = PeftAdapter(path, config, adapter_modules(_read_tensors(weights_file), weights_file))
+    for module, (a, _) in adapter.modules.items():
+        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        if a.shape[0] != r:
+            raise UserError(f"{weights_file}: module {module} has rank {a.shape[0]} but {CONFIG_NAME} gives it r={r} "
+                            "(r / rank_pattern); the config does not belong to these tensors")
+    return adapter
 
 
 def write_peft_dir(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:

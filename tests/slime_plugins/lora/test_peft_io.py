@@ -186,7 +186,9 @@ ERRORS = {
               r"module model\.layers\.1\.mlp\.down_proj: lora_A \[4, 48\] / lora_B \[33, 4\] do not fit"),
     "peft-type": (dict(config=lambda c: {**c, "peft_type": "IA3"}), r"peft_type is 'IA3', only 'LORA'"),
     "bias": (dict(config=lambda c: {**c, "bias": "all"}), r"bias is 'all'; LoRA bias terms are not supported"),
-    "rank": (dict(config=lambda c: {**c, "r": 8}), r"r=8 but --lora-r 4; pass --lora-r 8"),
+    "rank": (dict(config=lambda c: {**c, "r": 8, "rank_pattern": {".*": 4}}), r"r=8 but --lora-r 4; pass --lora-r 8"),
+    "config-of-other-tensors": (dict(config=lambda c: {**c, "r": 8}),
+                                r"module model\.layers\.0\.\S+ has rank 4 but adapter_config\.json gives it r=8"),
 }
 
 
