@@ -8,8 +8,10 @@ any other exception keeps its traceback, because that one is our bug.
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import Callable, Iterable, NoReturn, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -25,6 +27,17 @@ def raise_collected(errors: Iterable[str]) -> None:
     errors = [e for e in errors if e]
     if errors:
         raise UserError("; ".join(errors) if len(errors) > 1 else errors[0])
+
+
+def read_json_file(path: str | Path, *, missing: str, corrupt_fix: str = "") -> Any:
+    """The JSON value in ``path``; a missing file raises ``UserError(missing)``, a garbled one a
+    UserError naming the file and the parser's complaint, then ``corrupt_fix``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise UserError(missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}){corrupt_fix}") from None
 
 
 def fail(message: str) -> NoReturn:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from slime.utils.atomic import write_dir_atomically
-from slime.utils.errors import UserError
+from slime.utils.errors import UserError, read_json_file
 from slime.utils.lora_config import lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -98,13 +98,8 @@ def validate_adapter_config(config: object, where: str | Path) -> dict:
 def read_adapter_config(path: str | Path) -> dict:
     """The validated ``adapter_config.json`` of an adapter directory."""
     config_file = Path(path) / CONFIG_NAME
-    if not config_file.is_file():
-        raise UserError(f"{config_file}: missing; pass a directory written by peft's save_pretrained or save_peft_adapter")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_file}: not valid JSON ({exc})") from None
-    return validate_adapter_config(config, config_file)
+    missing = f"{config_file}: missing; pass a directory written by peft's save_pretrained or save_peft_adapter"
+    return validate_adapter_config(read_json_file(config_file, missing=missing), config_file)
 
 
 def _read_tensors(weights_file: Path) -> dict[str, torch.Tensor]:

@@ -6,13 +6,12 @@ share one megatron-core layout: RMSNorm, SwiGLU MLP, grouped-query attention and
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from slime.utils.errors import UserError
+from slime.utils.errors import UserError, read_json_file
 
 # HF ``architectures[0]`` -> our family name.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -79,13 +78,8 @@ class ModelArch:
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "ModelArch":
         path = Path(checkpoint_dir) / "config.json"
-        if not path.is_file():
-            raise UserError(f"--hf-checkpoint {checkpoint_dir}: no config.json there; point it at a Hugging Face model directory")
-        try:
-            config = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_hf_config(config, source=str(path))
+        missing = f"--hf-checkpoint {checkpoint_dir}: no config.json there; point it at a Hugging Face model directory"
+        return cls.from_hf_config(read_json_file(path, missing=missing), source=str(path))
 
     def padded_vocab_size(self, tp_size: int) -> int:
         """The vocabulary rounded up to a multiple of TP; padded logits are masked out."""

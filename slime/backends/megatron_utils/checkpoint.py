@@ -47,7 +47,7 @@ from slime.backends.megatron_utils.arch import ModelArch
 from slime.backends.megatron_utils.optimizer import TrainOptimizer
 from slime.backends.megatron_utils.parallel import barrier, global_rank, global_world_size, unwrap_model
 from slime.utils.atomic import fsync_path, write_file_atomically, write_json_atomically, write_text_atomically
-from slime.utils.errors import UserError
+from slime.utils.errors import UserError, read_json_file
 from slime.utils.lora_config import LoraConfig
 
 FORMAT = "slime-checkpoint"
@@ -86,12 +86,8 @@ def _weights_kind(lora: LoraConfig | None) -> str:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; the checkpoint is incomplete, resume from another --load directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: truncated or corrupt JSON ({exc}); resume from another checkpoint") from None
+    return read_json_file(path, missing=f"{path}: missing; the checkpoint is incomplete, resume from another --load "
+                          "directory", corrupt_fix="; resume from another checkpoint")
 
 
 def _file_record(path: Path) -> dict:
