@@ -12,6 +12,7 @@ import os
 import time
 
 from slime.ray.cluster import ray_cluster
+from slime.ray.faults import actor_failures_end_the_run
 from slime.ray.preflight import check_run
 from slime.ray.placement_group import (
     create_placement_groups,
@@ -32,7 +33,8 @@ def train(args) -> dict:
     wall_start = time.time()
     memory = PeakMemoryTracker()
     history: list[tuple[int, dict]] = []
-    with ray_cluster(num_cpus=max(num_bundles(args), os.cpu_count() or 1)):
+    # A dead or hung engine/trainer ends the run with one line: the checkpoint and the resume command.
+    with ray_cluster(num_cpus=max(num_bundles(args), os.cpu_count() or 1)), actor_failures_end_the_run(args):
         pgs = create_placement_groups(args)
         rollout_manager = create_rollout_manager(args, pgs)
         actor_model = create_training_models(args, pgs)

@@ -249,3 +249,144 @@ def test_tiny_policy_learns(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rewards = [r["rollout/reward_mean"] for r in rows(tmp_path / "logs")]
     assert sum(rewards[-5:]) / 5 > 2 * sum(rewards[:5]) / 5 + 0.05, rewards
+
+
+def _last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def _engine_pid(driver_pid: int, wait_s: float = 60) -> int:
+    """The rollout engine's process: a descendant of the driver (via raylet) titled ``ray::HFRolloutEngine...``."""
+    import time
+
+    import psutil
+
+    deadline = time.time() + wait_s
+    while True:
+        found = []
+        for child in psutil.Process(driver_pid).children(recursive=True):
+            try:
+                if " ".join(child.cmdline()).startswith("ray::HFRolloutEngine"):
+                    found.append(child.pid)
+            except psutil.Error:
+                pass
+        if len(found) == 1 or time.time() > deadline:
+            assert len(found) == 1, found
+            return found[0]
+        time.sleep(0.1)
+
+
+def _signal_engine_after_a_checkpoint(setup, tmp_path, sig, *flags) -> tuple[subprocess.CompletedProcess, list, int, float]:
+    """Start a long LoRA run with a checkpoint every rollout; once the first is written, send ``sig`` to
+    the rollout engine.  Returns the finished run (stderr as text), its argv, the engine's pid and the
+    seconds from the signal to the run's end."""
+    import os
+    import signal
+    import time
+
+    ckpt, prompts, _ = setup
+    save = tmp_path / "save"
+    argv = [sys.executable, str(ROOT / "train.py"),
+            *map(str, [*common(ckpt, prompts, tmp_path), "--use-lora", "--lora-r", 4, "--num-rollout", 1000,
+                       "--save", save, "--save-interval", 1, *flags])]
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err, start_new_session=True,
+                                env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    engine = None
+    try:
+        latest = save / "latest_checkpointed_iteration.txt"
+        deadline = time.time() + 600
+        while proc.poll() is None and not latest.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and latest.exists(), (tmp_path / "stderr").read_text()[-3000:]
+        engine = _engine_pid(proc.pid)
+        os.kill(engine, sig)
+        signalled_at = time.time()
+        proc.wait(timeout=180)
+        ended_after = time.time() - signalled_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if engine is not None and sig == signal.SIGSTOP:
+            try:  # a stopped process cannot notice its raylet is gone
+                os.kill(engine, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    result = subprocess.CompletedProcess(argv, proc.returncode, (tmp_path / "stdout").read_text(),
+                                         (tmp_path / "stderr").read_text())
+    return result, argv, engine, ended_after
+
+
+def _assert_resume_report(last: str, argv: list, save: Path, log_dir: Path) -> None:
+    """``...; newest checkpoint: SAVE/iter_N (rollout N); resume with: ARGV --load SAVE; details: LOG``."""
+    import shlex
+
+    iteration = int(last.split("(rollout ")[1].split(")")[0])
+    assert last.split("; ")[1] == f"newest checkpoint: {save}/iter_{iteration:07d} (rollout {iteration})", last
+    assert iteration >= 0 and (save / f"iter_{iteration:07d}" / "checkpoint.json").is_file()
+    resume = last.split("; resume with: ")[1].split("; details: ")[0]
+    assert shlex.split(resume) == [*argv, "--load", str(save)], resume
+    assert last.endswith(f"; details: {log_dir / 'actor_failure.log'}")
+
+
+@pytest.mark.slow
+def test_a_killed_engine_ends_the_run_with_one_line_and_the_resume_command(setup, tmp_path):
+    """SIGKILL the rollout engine after a checkpoint: the run ends within seconds with exit status 3 and
+    one stderr line naming the engine and its pid, Ray's exit cause, the newest checkpoint and the exact
+    command that resumes from it; the Ray traceback is in --log-dir, not on stderr."""
+    import signal
+
+    from slime.ray.faults import EXIT_ACTOR_FAILURE
+
+    proc, argv, engine, ended_after = _signal_engine_after_a_checkpoint(setup, tmp_path, signal.SIGKILL)
+    assert proc.returncode == EXIT_ACTOR_FAILURE, proc.stderr[-3000:]
+    assert ended_after < 30, ended_after
+    assert "Traceback" not in proc.stderr, proc.stderr[-5000:]
+    last = _last_line(proc.stderr)
+    assert last.startswith(f"error: the rollout engine (pid {engine}) died (SYSTEM_ERROR: "), last
+    _assert_resume_report(last, argv, tmp_path / "save", tmp_path / "logs")
+    assert "ActorDiedError" in (tmp_path / "logs" / "actor_failure.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_hung_engine_ends_the_run_after_actor_timeout(setup, tmp_path):
+    """SIGSTOP the rollout engine (alive, never answering): after --actor-timeout the run ends with the same
+    kind of line, naming the engine, the call it hangs in and the deadline."""
+    import signal
+
+    from slime.ray.faults import EXIT_ACTOR_FAILURE
+
+    proc, argv, engine, ended_after = _signal_engine_after_a_checkpoint(setup, tmp_path, signal.SIGSTOP,
+                                                                        "--actor-timeout", 15)
+    assert proc.returncode == EXIT_ACTOR_FAILURE, proc.stderr[-3000:]
+    assert 15 <= ended_after < 45, ended_after
+    assert "Traceback" not in proc.stderr, proc.stderr[-5000:]
+    last = _last_line(proc.stderr)
+    assert last.startswith(f"error: the rollout engine (pid {engine}) has not returned from "), last
+    assert " after 15 s (--actor-timeout 15); " in last, last
+    _assert_resume_report(last, argv, tmp_path / "save", tmp_path / "logs")
+
+
+@pytest.mark.slow
+def test_a_hung_reward_function_ends_the_run_in_one_line(setup, tmp_path):
+    """A --custom-rm-path function that never returns, under --reward-timeout 2: the run ends a few
+    seconds after the call started, with one line naming the function, the sample and the flag (a later
+    --custom-rm-path overrides common()'s)."""
+    import time
+
+    ckpt, prompts, _ = setup
+    marker = tmp_path / "hang-started"
+    flags = [*common(ckpt, prompts, tmp_path), "--custom-rm-path", f"{ROOT}/tests/_support/rewards.py:hangs",
+             "--reward-timeout", 2, "--use-lora", "--num-rollout", 2]
+    proc = run_train(*flags, timeout=300, env={"SLIME_TEST_HANG_MARKER": str(marker)})
+    ended = time.time()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-5000:]
+    last = _last_line(proc.stderr)
+    assert last.startswith(f"error: reward function --custom-rm-path {ROOT}/tests/_support/rewards.py:hangs has not "
+                           "returned for sample "), last
+    assert " after 2 s (--reward-timeout 2); " in last, last
+    started = float(marker.read_text().split()[0])
+    assert ended - started < 20, ended - started
+    assert "rollout 0 |" not in proc.stdout

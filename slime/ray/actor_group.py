@@ -14,12 +14,20 @@ traceback), so the CLI prints one line.  Other errors keep Ray's wrapping and
 the remote traceback.  An exception in an actor's *constructor* kills the
 actor and Ray reports only ``ActorDiedError`` text; validate user input in a
 method (e.g. ``group.call("init", ...)``) rather than in ``__init__``.
+
+Deadlines: a group made with ``timeout_s`` waits at most that long for one call
+(``--actor-timeout``) and then raises :class:`ActorTimeoutError` naming the
+actors that have not answered.  Every group is registered
+(:func:`registered_groups`), so a failure can be traced to the actor it came
+from by :mod:`slime.ray.faults`; ``name`` and ``pids`` say how to call each one.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Any, Sequence
+import time
+import weakref
+from typing import Any, Iterable, Sequence
 
 import ray
 from ray.exceptions import RayTaskError
@@ -53,19 +61,39 @@ def user_error_cause(error: BaseException) -> UserError | None:
     return cause if isinstance(cause, UserError) else None
 
 
-def get_all(refs: Sequence[ray.ObjectRef]) -> list[Any]:
-    """``ray.get`` that fails as soon as any task fails.
+class ActorTimeoutError(Exception):
+    """Calls that have not returned within their deadline: ``who`` (one label per late actor),
+    the ``method`` and the deadline in ``seconds``."""
+
+    def __init__(self, who: Sequence[str], method: str, seconds: float) -> None:
+        self.who, self.method, self.seconds = list(who), method, seconds
+        verb = "has" if len(self.who) == 1 else "have"
+        super().__init__(f"{', '.join(self.who)} {verb} not returned from {method} after {seconds:g} s")
+
+
+def get_all(refs: Sequence[ray.ObjectRef], *, timeout_s: float | None = None, labels: Sequence[str] | None = None,
+            method: str = "a call") -> list[Any]:
+    """``ray.get`` that fails as soon as any task fails, or when ``timeout_s`` (None or 0: no limit) passes.
 
     Plain ``ray.get(refs)`` waits on the refs in order, so when rank 1 fails
     while rank 0 blocks in a collective waiting for it, it would hang; here
     the first failure raises at once.  A wrapped UserError is re-raised bare.
+    Past the deadline, :class:`ActorTimeoutError` names the refs still pending by
+    ``labels`` (one per ref; default ``task i``) and ``method``.
     """
+    refs = list(refs)
     pending = list(refs)
+    deadline = time.monotonic() + timeout_s if timeout_s else None
     try:
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                late = {ref: i for i, ref in enumerate(refs)}
+                names = [labels[late[ref]] if labels else f"task {late[ref]}" for ref in pending]
+                raise ActorTimeoutError(names, method, timeout_s or 0.0)
             ray.get(ready)
-        return ray.get(list(refs))
+        return ray.get(refs)
     except RayTaskError as error:
         cause = user_error_cause(error)
         if cause is None:
@@ -85,12 +113,23 @@ def _world_env(group: PlacementGroup, first_bundle: int, num_actors: int) -> dic
     }
 
 
+_GROUPS: "weakref.WeakSet[RayActorGroup]" = weakref.WeakSet()
+
+
+def registered_groups() -> list["RayActorGroup"]:
+    """Every actor group of this driver that still exists (for failure reports)."""
+    return list(_GROUPS)
+
+
 class RayActorGroup:
     """``num_actors`` instances of a plain class, one per bundle of ``group``.
 
     Shapes: bundles ``[first_bundle, first_bundle + num_actors)`` must exist
     in ``group``; each actor reserves that bundle's 1 CPU (and 1 GPU when
-    ``use_gpu``).  ``env_vars`` go to every actor's environment.
+    ``use_gpu``).  ``env_vars`` go to every actor's environment.  ``name``
+    (default: the class name) and ``pids`` (set by the owner once known) make the
+    actors' labels, ``"NAME (pid P)"`` or, in a torch world, ``"NAME rank i (pid P)"``;
+    ``timeout_s`` bounds every wait on one call (None or 0: no limit).
     """
 
     def __init__(
@@ -105,6 +144,8 @@ class RayActorGroup:
         first_bundle: int = 0,
         env_vars: dict[str, str] | None = None,
         distributed: bool = True,
+        name: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
@@ -116,6 +157,11 @@ class RayActorGroup:
         if not group.wait(timeout_seconds=PLACEMENT_READY_TIMEOUT_S):
             # Rank 0's node (for MASTER_ADDR) is only known once bundles are placed.
             raise RuntimeError("placement group not ready; create it with slime.ray.cluster.create_placement_group")
+        self.name = name or actor_cls.__name__
+        self.distributed = distributed
+        self.timeout_s = timeout_s
+        self.pids: list[int] = []
+        self._answered = False  # Ray queues the first call behind the constructor: its wait includes start-up
         remote_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(actor_cls)
         world = _world_env(group, first_bundle, num_actors) if distributed else None
         self.actors: list[ray.actor.ActorHandle] = []
@@ -133,9 +179,24 @@ class RayActorGroup:
                 runtime_env={"env_vars": env},
             )
             self.actors.append(options.remote(*args, **rank_kwargs, **(kwargs or {})))
+        _GROUPS.add(self)
 
     def __len__(self) -> int:
         return len(self.actors)
+
+    def label(self, rank: int) -> str:
+        """How reports name actor ``rank``: ``the rollout engine (pid 12)``, ``training rank 1 (pid 13)``."""
+        who = f"{self.name} rank {rank}" if self.distributed else self.name
+        return f"{who} (pid {self.pids[rank]})" if rank < len(self.pids) else who
+
+    def get(self, refs: Sequence[ray.ObjectRef], method: str, ranks: Iterable[int] | None = None) -> list[Any]:
+        """:func:`get_all` of one call's refs (of ``ranks``, default all, in order) under this group's deadline."""
+        labels = [self.label(rank) for rank in (range(len(refs)) if ranks is None else ranks)]
+        if not self._answered:
+            method = f"{method} (its first call, so including its start-up)"
+        results = get_all(refs, timeout_s=self.timeout_s, labels=labels, method=method)
+        self._answered = True
+        return results
 
     def async_call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Start ``method(*args, **kwargs)`` on every actor; one ref per rank, in rank order."""
@@ -143,11 +204,11 @@ class RayActorGroup:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``method`` on every actor and return the results in rank order."""
-        return get_all(self.async_call(method, *args, **kwargs))
+        return self.get(self.async_call(method, *args, **kwargs), method)
 
     def call_rank0(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run ``method`` on rank 0 only (not for methods that enter a collective)."""
-        return get_all([getattr(self.actors[0], method).remote(*args, **kwargs)])[0]
+        return self.get([getattr(self.actors[0], method).remote(*args, **kwargs)], method)[0]
 
     def kill(self) -> None:
         """Kill every actor at once, freeing their bundles; the group is empty after."""

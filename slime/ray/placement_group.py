@@ -17,7 +17,7 @@ import torch
 from ray.util.placement_group import PlacementGroup
 
 from slime.backends.megatron_utils.actor import MegatronTrainRayActor
-from slime.ray.actor_group import RayActorGroup, get_all
+from slime.ray.actor_group import RayActorGroup
 from slime.ray.cluster import create_placement_group
 from slime.ray.rollout import RolloutManager
 from slime.rollout.batch import RolloutBatch
@@ -52,7 +52,7 @@ class TrainGroup:
         self.infos: list[dict] = []  # what each rank's init returned (pid, trainable count)
         threads = max(1, (os.cpu_count() or 1) // args.world_size)
         self.group = RayActorGroup(MegatronTrainRayActor, args.world_size, pgs.group, use_gpu=torch.cuda.is_available(),
-                                   first_bundle=pgs.actor_bundles.start,
+                                   first_bundle=pgs.actor_bundles.start, name="training", timeout_s=args.actor_timeout,
                                    env_vars={"SLIME_TRAIN_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
                                              **allocator_env(args.allocator)})
 
@@ -72,7 +72,7 @@ class TrainGroup:
         start = time.time()
         refs = self.group.async_call("export_weights")
         metrics = rollout_manager.update_weights(refs[0])
-        get_all(refs[1:])
+        self.group.get(refs[1:], "export_weights", ranks=range(1, len(refs)))
         metrics["sync/seconds"] = time.time() - start
         return metrics
 
@@ -89,5 +89,6 @@ class TrainGroup:
 def create_training_models(args: argparse.Namespace, pgs: PlacementGroups) -> TrainGroup:
     """Start the training actors and build the policy in each (LoRA inside, optimizer after)."""
     actor_model = TrainGroup(args, pgs)
-    actor_model.infos = get_all(actor_model.async_init(args, role="actor"))
+    actor_model.infos = actor_model.group.get(actor_model.async_init(args, role="actor"), "init")
+    actor_model.group.pids = actor_model.pids()  # failure reports name each rank's process
     return actor_model

@@ -1,7 +1,10 @@
 """Start-up checks that need files or the machine (the flag checks live in arguments.py).
 
-Run in the driver before Ray starts, so a bad path or an impossible layout costs nothing and
-leaves nothing behind.  Every problem is collected, then raised as one UserError.
+Run in the driver before Ray starts, so a bad path, an impossible layout, a prompt file the
+rollout would refuse (not UTF-8, empty, a bad row, a prompt longer than the model's context),
+a LoRA rank above a module's dimension or an output directory that cannot be written costs
+nothing and leaves nothing behind.  Every problem is collected, then raised as one UserError;
+the output directories this created are removed again when there is one.
 """
 
 from __future__ import annotations
@@ -10,12 +13,18 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slime.rollout.data import check_prompt_files
 from slime.rollout.engines import ENGINES
-from slime.utils.errors import raise_collected
+from slime.utils.errors import UserError, raise_collected
+from slime.utils.lora_config import rank_errors, target_matches
 from slime.utils.peft_format import CONFIG_NAME
+
+if TYPE_CHECKING:  # imported when a config.json is there to read
+    from slime.backends.megatron_utils.arch import ModelArch
 
 
 def _path_errors(args: argparse.Namespace) -> list[str]:
@@ -44,12 +53,20 @@ def _path_errors(args: argparse.Namespace) -> list[str]:
     return errors
 
 
-def _layout_errors(args: argparse.Namespace) -> list[str]:
-    errors = []
-    if args.hf_checkpoint and (Path(args.hf_checkpoint) / "config.json").is_file():
-        from slime.backends.megatron_utils.arch import ModelArch
+def _model_arch(args: argparse.Namespace) -> tuple[ModelArch | None, list[str]]:
+    """The model's shape from --hf-checkpoint's config.json (None when there is none to read)."""
+    if not args.hf_checkpoint or not (Path(args.hf_checkpoint) / "config.json").is_file():
+        return None, []  # reported by _path_errors
+    from slime.backends.megatron_utils.arch import ModelArch
 
-        errors += ModelArch.from_checkpoint(args.hf_checkpoint).tp_errors(args.tensor_model_parallel_size)
+    try:
+        return ModelArch.from_checkpoint(args.hf_checkpoint), []
+    except UserError as exc:
+        return None, [str(exc)]
+
+
+def _layout_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
+    errors = arch.tp_errors(args.tensor_model_parallel_size) if arch else []
     cores = os.cpu_count() or 1
     if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS") and args.world_size > cores:
         errors.append(f"--actor-num-gpus-per-node {args.actor_num_gpus_per_node} x --actor-num-nodes "
@@ -67,9 +84,104 @@ def _layout_errors(args: argparse.Namespace) -> list[str]:
     return errors
 
 
+def _lora_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
+    """--lora-r against the target modules' shapes, computed from config.json as the trainer builds them."""
+    if args.lora is None or arch is None:
+        return []
+    targets = args.lora.targets
+    shapes = {name: shape for name, shape in arch.linear_shapes().items()
+              if any(target_matches(target, name) for target in targets)}
+    return rank_errors(args.lora.r, shapes)
+
+
+def _load_tokenizer(checkpoint: str) -> tuple[Any, list[str]]:
+    """The rollout's tokenizer (RolloutManager loads the same one), or why it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint), []
+    except (OSError, ValueError, TypeError):
+        return None, [f"--hf-checkpoint {checkpoint}: no tokenizer could be loaded there (the rollout tokenises the "
+                      "prompts with it); copy the model's tokenizer files next to its config.json"]
+
+
+def _data_problems(args: argparse.Namespace, arch: ModelArch | None) -> tuple[list[str], list[str]]:
+    """Every prompt file built as the rollout builds it: (errors, what --over-long-prompts left out or cut)."""
+    if arch is None or not args.prompt_data:
+        return [], []
+    tokenizer, errors = _load_tokenizer(args.hf_checkpoint)
+    if tokenizer is None:
+        return errors, []
+    return check_prompt_files(args, tokenizer, arch.max_position_embeddings)
+
+
+def _make_dirs(flag: str, target: Path, created: list[Path]) -> str | None:
+    """Create ``target`` and its missing parents, recording each in ``created``; or say why not."""
+    missing, existing = [], target
+    while not existing.exists() and not existing.is_symlink():
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{flag} {target}: {existing} is not a directory; pass a path under a directory"
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except OSError as exc:
+            return (f"{flag} {target}: cannot create {directory} ({exc.strerror}); pass a writable path or fix the "
+                    f"permissions of {directory.parent}")
+        created.append(directory)
+    return None
+
+
+def output_dir_errors(dirs: list[tuple[str, str]]) -> tuple[list[str], list[Path]]:
+    """Each ``(flag, path)`` the run will write into: created if missing, then a probe file is
+    created and removed in it.  Returns the problems and the directories created (parents first)."""
+    errors: list[str] = []
+    created: list[Path] = []
+    for flag, path in dirs:
+        target = Path(path)
+        if target.exists() and not target.is_dir():
+            errors.append(f"{flag} {target}: a file, not a directory; pass a directory (or move the file away)")
+            continue
+        problem = _make_dirs(flag, target, created)
+        if problem is None:
+            probe = target / f".slime-write-probe-{os.getpid()}"
+            try:
+                os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                probe.unlink()
+            except OSError as exc:
+                problem = (f"{flag} {target}: cannot write there ({exc.strerror}); pass a writable directory or fix "
+                           "its permissions")
+        if problem:
+            errors.append(problem)
+    return errors, created
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    for directory in reversed(created):  # children first; only what is still empty
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
+
+
 def check_run(args: argparse.Namespace) -> None:
     """Raise one UserError listing every problem; warn about legal but useless settings."""
-    raise_collected(_path_errors(args) + _layout_errors(args))
+    arch, errors = _model_arch(args)
+    errors = _path_errors(args) + errors + _layout_errors(args, arch) + _lora_errors(args, arch)
+    data_errors, warnings = _data_problems(args, arch)
+    errors += data_errors
+    outputs = [(flag, path) for flag, path in (("--save", args.save), ("--log-dir", args.log_dir)) if path]
+    output_errors, created = output_dir_errors(outputs)
+    errors += output_errors
+    if errors:
+        _remove_dirs(created)
+        raise_collected(errors)
+    for flag, path in outputs:
+        if Path(path) in created:
+            print(f"created the {flag} directory {path}", flush=True)
+    for warning in warnings:
+        print(warning, file=sys.stderr, flush=True)
     if args.advantage_estimator in ("grpo", "dr_grpo") and args.n_samples_per_prompt == 1:
         print(f"warning: --advantage-estimator {args.advantage_estimator} with --n-samples-per-prompt 1: every "
               "advantage is zero and nothing is learned; use 4 or more samples per prompt", file=sys.stderr)

@@ -18,6 +18,7 @@ import ray
 import torch
 from ray.util.placement_group import PlacementGroup
 
+from slime.backends.megatron_utils.arch import ModelArch
 from slime.ray.actor_group import RayActorGroup
 from slime.rollout.batch import RolloutBatch, group_advantages, repeat_prompts
 from slime.rollout.data import PromptDataset, Sample
@@ -36,17 +37,22 @@ class RolloutManager:
         self.args = args
         self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
         load_reward_fn(args)  # resolved (and cached) now: a bad --custom-rm-path fails before any training
-        self.dataset = PromptDataset.from_args(args, self.tokenizer) if args.prompt_data else None
+        # The datasets preflight built and validated: same files, tokenizer and prompt limits.
+        positions = ModelArch.from_checkpoint(args.hf_checkpoint).max_position_embeddings
+        self.dataset = (PromptDataset.from_args(args, self.tokenizer, max_positions=positions)
+                        if args.prompt_data else None)
         self.eval_sets = {}
         pairs = args.eval_prompt_data or []
         for name, path in zip(pairs[::2], pairs[1::2]):
-            self.eval_sets[name] = PromptDataset.from_args(args, self.tokenizer, path=path, shuffle=False,
-                                                           flag="--eval-prompt-data")
+            self.eval_sets[name] = PromptDataset.from_args(args, self.tokenizer, path=path, eval_set=True,
+                                                           max_positions=positions)
         # One independent actor (no torch.distributed world) running the chosen engine class.
         self.engine = RayActorGroup(engine_class(args.rollout_engine), 1, group, use_gpu=torch.cuda.is_available(),
                                     kwargs=engine_kwargs(args), first_bundle=bundle_index,
-                                    env_vars=allocator_env(args.allocator), distributed=False)
+                                    env_vars=allocator_env(args.allocator), distributed=False,
+                                    name="the rollout engine", timeout_s=args.actor_timeout)
         self.engine_pid: int = self.engine.call_rank0("pid")
+        self.engine.pids = [self.engine_pid]  # failure reports name the process
         self.adapter = POLICY_ADAPTER if args.use_lora else None
 
     # ------------------------------------------------------------------ weights

@@ -11,6 +11,24 @@ Which function scores is decided by the flags, as in slime:
 :func:`load_reward_fn` resolves the function once, so a bad ``--custom-rm-path``
 fails at start-up, before any training.  A function that raises or returns
 something other than a finite number becomes a UserError naming the sample.
+
+Bounded waits (``--reward-timeout SECONDS``, default 60): a call that has not
+returned after that long ends the run with a UserError naming the function,
+the sample and the flag, instead of freezing the driver.  The batch is scored
+exactly as without a timeout (sync functions one sample after another in
+sample order, async ones concurrently on one event loop, a fresh loop per
+batch) but on a *daemon thread*, while the calling thread watches each call's
+age.  A thread, not a process, because a process would have to pickle the
+function (a ``file.py:function`` module is not importable by name in a child),
+would lose whatever the function keeps between calls (a client, a cache, a
+counter), and would pay a fork of the driver per batch; the price is that a
+stuck thread cannot be killed, so it is a daemon (the process still exits)
+and an async call is cancelled on its loop.  Two limits of threads: a call
+that never releases the GIL (a C extension looping inside one call) also
+stalls the watcher, and ``signal`` handlers can only be installed in the main
+thread, so a function that times itself with ``signal.alarm`` needs
+``--reward-timeout 0``: no limit, the function runs in the calling thread as
+before.
 """
 
 from __future__ import annotations
@@ -24,6 +42,8 @@ import inspect
 import math
 import numbers
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
@@ -31,6 +51,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from slime.rollout.data import Sample
 from slime.utils.errors import UserError
 
+DEFAULT_REWARD_TIMEOUT_S = 60.0
 RawRewardFn = Callable[[argparse.Namespace, Sample], "float | Awaitable[float]"]
 
 # A number not glued to a preceding digit (so the "-" in "5-3" is not a sign):
@@ -100,6 +121,11 @@ class RewardFn:
 
     name: str  # how errors refer to it: "--rm-type math" or the --custom-rm-path spec
     fn: RawRewardFn
+
+    @property
+    def flag(self) -> str:
+        """The flags that chose this function: ``--rm-type math`` or ``--custom-rm-path SPEC``."""
+        return self.name if self.name.startswith("--") else f"--custom-rm-path {self.name}"
 
     async def __call__(self, args: argparse.Namespace, sample: Sample) -> float:
         try:
@@ -171,11 +197,114 @@ def load_reward_fn(args: argparse.Namespace) -> RewardFn:
 
 
 async def compute_reward(args: argparse.Namespace, sample: Sample) -> float:
-    """The reward of one sample under the flags' reward function."""
-    return await load_reward_fn(args)(args, sample)
+    """The reward of one sample under the flags' reward function (bounded by ``--reward-timeout``)."""
+    return (await batch_rewards(args, [sample]))[0]
 
 
 async def batch_rewards(args: argparse.Namespace, samples: Sequence[Sample]) -> list[float]:
-    """Rewards of ``samples`` in order; async reward functions run concurrently."""
+    """Rewards of ``samples`` in order; async reward functions run concurrently.
+
+    Each call is bounded by ``args.reward_timeout`` seconds (0: no limit, scored in this thread).
+    """
     reward_fn = load_reward_fn(args)
-    return list(await asyncio.gather(*(reward_fn(args, s) for s in samples)))
+    timeout = getattr(args, "reward_timeout", DEFAULT_REWARD_TIMEOUT_S)
+    if not timeout:
+        return await _score_all(reward_fn, args, samples, _InFlight())
+    return await _BoundedBatch(reward_fn, args, samples, timeout).run()
+
+
+class _InFlight:
+    """Start times of the calls now running, by position in the batch (written by the worker thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started: dict[int, float] = {}
+
+    def start(self, position: int) -> None:
+        with self._lock:
+            self._started[position] = time.monotonic()
+
+    def finish(self, position: int) -> None:
+        with self._lock:
+            self._started.pop(position, None)
+
+    def oldest(self) -> tuple[int, float] | None:
+        """``(position, start)`` of the longest-running call, or None when none runs."""
+        with self._lock:
+            return min(self._started.items(), key=lambda item: item[1], default=None)
+
+
+async def _score_all(reward_fn: RewardFn, args: argparse.Namespace, samples: Sequence[Sample],
+                     in_flight: _InFlight) -> list[float]:
+    """Score every sample in order; a sync function runs to completion before the next call starts."""
+
+    async def one(position: int, sample: Sample) -> float:
+        in_flight.start(position)
+        try:
+            return await reward_fn(args, sample)
+        finally:
+            in_flight.finish(position)
+
+    return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(samples))))
+
+
+class _BoundedBatch:
+    """One batch scored by :func:`_score_all` on a daemon thread, watched from the calling coroutine."""
+
+    def __init__(self, reward_fn: RewardFn, args: argparse.Namespace, samples: Sequence[Sample],
+                 timeout: float) -> None:
+        self.reward_fn, self.args, self.samples, self.timeout = reward_fn, args, list(samples), timeout
+        self.in_flight = _InFlight()
+        self.outcome: dict[str, Any] = {}  # "result" or "error", set by the worker
+        self.worker_loop: asyncio.AbstractEventLoop | None = None
+        self.worker_task: asyncio.Task | None = None
+
+    async def run(self) -> list[float]:
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def on_finished() -> None:
+            if not finished.done():
+                finished.set_result(None)
+
+        def work() -> None:
+            try:
+                self.outcome["result"] = asyncio.run(self._score())
+            except BaseException as exc:  # noqa: BLE001 - handed to the watcher as it is
+                self.outcome["error"] = exc
+            try:
+                loop.call_soon_threadsafe(on_finished)
+            except RuntimeError:  # the watcher gave up and its loop is closed: nobody is waiting
+                pass
+
+        threading.Thread(target=work, name="slime-reward", daemon=True).start()
+        while not finished.done():
+            oldest = self.in_flight.oldest()
+            # Wake at the oldest running call's deadline; with none running, a later call's is later.
+            wait = self.timeout if oldest is None else oldest[1] + self.timeout - time.monotonic()
+            if wait <= 0:
+                self._cancel()
+                assert oldest is not None
+                raise UserError(self._hung_message(self.samples[oldest[0]])) from None
+            await asyncio.wait([finished], timeout=wait)
+        if "error" in self.outcome:
+            raise self.outcome["error"]
+        return self.outcome["result"]
+
+    async def _score(self) -> list[float]:
+        self.worker_loop, self.worker_task = asyncio.get_running_loop(), asyncio.current_task()
+        return await _score_all(self.reward_fn, self.args, self.samples, self.in_flight)
+
+    def _cancel(self) -> None:
+        """Cancel the worker's remaining calls (an awaiting one stops; a sync one cannot be stopped)."""
+        loop, task = self.worker_loop, self.worker_task
+        if loop is not None and task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # its loop has just finished
+                pass
+
+    def _hung_message(self, sample: Sample) -> str:
+        t = f"{self.timeout:g}"
+        return (f"reward function {self.reward_fn.flag} has not returned for sample {sample.index} after {t} s "
+                f"(--reward-timeout {t}); make it return (or raise) sooner, or raise --reward-timeout (0: no limit)")

@@ -29,6 +29,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--actor-num-gpus-per-node", type=int, default=None,
                    help="training processes per node (on a machine without GPUs: CPU processes); default TP x PP")
     g.add_argument("--colocate", action="store_true", help="rollout and training share the same bundles")
+    g.add_argument("--actor-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="end the run (with the resume command) when one call of the rollout engine or the trainers "
+                        "has not returned after this long (0: no limit)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
@@ -95,6 +98,11 @@ def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--label-key", type=str, default="label")
     g.add_argument("--metadata-key", type=str, default="metadata")
     g.add_argument("--apply-chat-template", action="store_true")
+    g.add_argument("--over-long-prompts", choices=["error", "drop", "truncate"], default="error",
+                   help="a prompt (as rendered and tokenised for the rollout) longer than max_position_embeddings - "
+                        "--rollout-max-response-len (--eval-max-response-len for eval sets): error = fail at start-up "
+                        "naming it; drop = leave it out; truncate = keep its last tokens (the question and the chat "
+                        "template's assistant header are at the end; the start, e.g. a system prompt, is lost)")
     g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per rollout")
     g.add_argument("--rollout-max-response-len", type=int, default=256)
     g.add_argument("--rollout-temperature", type=float, default=1.0)
@@ -107,6 +115,9 @@ def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                    help="built-in engine: fold the adapter into the base weights while generating (faster)")
     g.add_argument("--rm-type", type=str, default="math", help="math or exact")
     g.add_argument("--custom-rm-path", type=str, default=None, help="module.path:function or file.py:function")
+    g.add_argument("--reward-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="end the run when one reward call has not returned after this long (0: no limit; the "
+                        "function then runs in the driver's main thread, e.g. for signal.alarm)")
     g.add_argument("--eval-prompt-data", type=str, nargs="+", default=None, metavar="NAME PATH")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--n-samples-per-eval-prompt", type=int, default=1)
@@ -194,6 +205,10 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         errors.append("--kl-loss-coef must be >= 0")
     if args.check_logprob_gap is not None and args.check_logprob_gap < 0:
         errors.append("--check-logprob-gap must be >= 0 (0 disables the check)")
+    for name in ("reward_timeout", "actor_timeout"):
+        value = getattr(args, name)
+        if not value >= 0:  # also refuses nan
+            errors.append(f"--{name.replace('_', '-')} must be >= 0 seconds (got {value}; 0: no limit)")
     dp_world = (args.actor_num_gpus_per_node or 0) * args.actor_num_nodes
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if args.actor_num_gpus_per_node is not None and dp_world % model_parallel:

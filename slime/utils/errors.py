@@ -2,8 +2,10 @@
 
 A :class:`UserError` is something the user can fix (a flag, a file, a model
 that does not match).  Its message names the flag or file and says the fix.
-:func:`run_main` turns it into a single line on stderr and ``SystemExit(2)``;
-any other exception keeps its traceback, because that one is our bug.
+:func:`run_main` turns it into a single line on stderr and ``SystemExit(2)``
+(a subclass may set another ``exit_status``, e.g. 3 for a dead or hung actor,
+:mod:`slime.ray.faults`); any other exception keeps its traceback, because that
+one is our bug.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """An error in the user's input; the message is one self-contained line."""
 
+    exit_status: int = EXIT_USER_ERROR  # a subclass may end the process with another status
+
 
 def raise_collected(errors: Iterable[str]) -> None:
     """Raise one UserError carrying every collected message, if there are any."""
@@ -36,18 +40,21 @@ def read_json_file(path: str | Path, *, missing: str, corrupt_fix: str = "") -> 
         return json.loads(Path(path).read_text())
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise UserError(missing) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}){corrupt_fix}") from None
+    except OSError as exc:  # unreadable: permissions, an I/O error
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc}){corrupt_fix}") from None
+    # ValueError: bad JSON or UTF-8, an integer over Python's 4300 digits; RecursionError: nesting
+    except (ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: not valid JSON ({' '.join(str(exc).split())}){corrupt_fix}") from None
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, status: int = EXIT_USER_ERROR) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USER_ERROR)
+    raise SystemExit(status)
 
 
 def run_main(main: Callable[[], T]) -> T:
-    """Call ``main``; a UserError becomes one stderr line and exit status 2."""
+    """Call ``main``; a UserError becomes one stderr line and its exit status (2 unless it says)."""
     try:
         return main()
     except UserError as exc:
-        fail(" ".join(str(exc).split("\n")))
+        fail(" ".join(str(exc).split("\n")), exc.exit_status)

@@ -14,9 +14,11 @@ modules of :data:`slime.utils.hf_names.LINEAR_MODULES` by their Megatron attribu
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
+import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from slime.utils.hf_names import LINEAR_MODULES, MEGATRON_TO_HF_LAYER, leaf
 
@@ -46,6 +48,34 @@ def resolve_targets(target_modules: Iterable[str]) -> list[str]:
 
 def is_glob(target: str) -> bool:
     return bool(GLOB_CHARS & set(target))
+
+
+def target_matches(target: str, name: str) -> bool:
+    """A resolved target matches a module's own attribute name exactly (``linear_fc1``, never
+    ``linear_fc10``) or, with glob characters, its whole dotted name (``*.layers.0.*.linear_qkv``)."""
+    if is_glob(target):
+        return fnmatch.fnmatchcase(name, target)
+    return name.rsplit(".", 1)[-1] == target
+
+
+_LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def rank_errors(r: int, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+    """``--lora-r`` against the smaller dimension of each target module (``shapes``: dotted name ->
+    (out, in)): one message for all the modules it exceeds, each name pattern (layer numbers as
+    ``*``) once with its count and smallest dimension."""
+    over = {name: min(shape) for name, shape in shapes.items() if r > min(shape)}
+    if not over:
+        return []
+    patterns: dict[str, list[str]] = {}
+    for name in over:
+        patterns.setdefault(_LAYER_NUMBER.sub("*", name), []).append(name)
+    parts = [f"{pattern} x{len(names)}: {min(over[n] for n in names)}" if len(names) > 1
+             else f"{names[0]}: {over[names[0]]}" for pattern, names in patterns.items()]
+    count = f"{len(over)} target module{'s' if len(over) > 1 else ''}"
+    return [f"--lora-r {r} exceeds the smaller dimension of {count} ({', '.join(parts)}); "
+            f"use --lora-r <= {min(over.values())}"]
 
 
 def hparam_errors(r: object, alpha: object, dropout: object) -> list[str]:

@@ -12,6 +12,7 @@ read; the trainer's export/import (``slime_plugins.lora.peft_io``), the rollout 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +69,29 @@ class PeftAdapter:
         return {peft_key(m, w): t for m, (a, b) in self.modules.items() for w, t in (("A", a), ("B", b))}
 
 
+def _pattern_regex(pattern: str) -> str:
+    return rf"(.*\.)?({pattern})$"
+
+
 def _pattern_value(patterns: dict, module: str, default):
     """peft's rule: the first pattern ``p`` with ``re.match(rf"(.*\\.)?({p})$", module)`` wins."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if re.match(_pattern_regex(pattern), module):
             return value
     return default
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_alpha(value: object) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def validate_adapter_config(config: object, where: str | Path) -> dict:
@@ -87,9 +105,20 @@ def validate_adapter_config(config: object, where: str | Path) -> dict:
         problems.append(f"bias is {config.get('bias')!r}; LoRA bias terms are not supported (save with bias='none')")
     if config.get("use_dora") or config.get("modules_to_save"):
         problems.append("DoRA / modules_to_save are not supported; use a plain LoRA adapter")
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)):
+    if not _is_rank(config.get("r")) or not _is_alpha(config.get("lora_alpha")):
         problems.append("'r' (int >= 1) and 'lora_alpha' (number) are required")
+    for name, valid, what in (("rank_pattern", _is_rank, "an int >= 1"), ("alpha_pattern", _is_alpha, "a number")):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            problems.append(f"{name} must be an object of module pattern -> {what}")
+            continue
+        for pattern, value in patterns.items():
+            try:
+                re.compile(_pattern_regex(pattern))
+            except re.error as exc:
+                problems.append(f"{name} key {pattern!r} is not a regular expression ({exc})")
+            if not valid(value):
+                problems.append(f"{name}[{pattern!r}] is {value!r}, not {what}")
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
     return config

@@ -26,7 +26,6 @@ a TP=2 run starts from exactly the adapter of a TP=1 run.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import math
 from typing import Iterable, Iterator
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slime.backends.megatron_utils.parallel import group_rank_size
-from slime.utils.lora_config import hparam_errors, is_glob, lora_scaling, resolve_targets
+from slime.utils.lora_config import hparam_errors, lora_scaling, rank_errors, resolve_targets, target_matches
 from slime_plugins.lora.input_recompute import down_project
 
 def _parallel_kind(layer: nn.Module) -> str:
@@ -288,12 +287,6 @@ def _lora_keys_are_optional(module, incompatible_keys) -> None:
         missing.remove(key)
 
 
-def _matches(target: str, name: str) -> bool:
-    if is_glob(target):
-        return fnmatch.fnmatchcase(name, target)
-    return name.rsplit(".", 1)[-1] == target
-
-
 def find_lora_targets(model: nn.Module, target_modules: Iterable[str]) -> tuple[dict[str, nn.Module], list[str]]:
     """Modules to wrap (by dotted name) and one error per target that matched nothing.
 
@@ -310,7 +303,7 @@ def find_lora_targets(model: nn.Module, target_modules: Iterable[str]) -> tuple[
         if not name or isinstance(module, LoRALinear) or any(name.startswith(p + ".") for p in inside_lora):
             continue
         for target in targets:
-            if _matches(target, name):
+            if target_matches(target, name):
                 found[name] = module
                 hits[target] += 1
     errors = [f"--lora-target-modules: '{t}' matches no module of the model" for t, n in hits.items() if n == 0]
@@ -337,14 +330,15 @@ def apply_lora_to_model(
     errors = hparam_errors(r, lora_alpha, lora_dropout)
     found, match_errors = find_lora_targets(model, target_modules)
     errors += match_errors
+    shapes = {}
     for name, module in found.items():
         kind = _parallel_kind(module)
         if kind == "unsupported":
             errors.append(f"--lora-target-modules: '{name}' is a {type(module).__name__}, not a linear layer")
-        elif isinstance(r, int) and r >= 1:
-            out_f, in_f = _global_shape(module, kind)
-            if r > min(out_f, in_f):
-                errors.append(f"--lora-r {r} exceeds the smaller dimension ({min(out_f, in_f)}) of '{name}'")
+        else:
+            shapes[name] = _global_shape(module, kind)
+    if not hparam_errors(r, 1.0, 0.0):  # a valid rank: compare it with every module at once
+        errors += rank_errors(r, shapes)
     if errors:
         raise ValueError("; ".join(errors))
     for name, module in found.items():

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import psutil
 import pytest
@@ -20,7 +22,8 @@ import torch.distributed as dist
 from ray.exceptions import RayActorError, RayTaskError
 
 from slime.ray.actor_group import RayActorGroup
-from slime.ray.cluster import REPO_ROOT, create_placement_group, ray_cluster
+from slime.ray.cluster import (OWNER_FILE, REPO_ROOT, TEMP_PREFIX, _owner_record, create_placement_group,
+                                ray_cluster, reap_stale_temp_dirs)
 from slime.utils.errors import UserError
 
 CLUSTER_CPUS = 4  # logical: more than this machine's 2 cores, on purpose
@@ -208,13 +211,149 @@ def test_local_cluster_leaves_nothing_behind_after_an_interrupt():
 
 
 def _processes_mentioning(path: str, wait_s: float = 5.0) -> list[int]:
-    """PIDs whose command line mentions ``path``, after letting exiting daemons finish."""
+    """PIDs whose command line mentions ``path`` or that hold a file under it open (Ray renames
+    its agents and workers, ``ray::IDLE``), after letting exiting daemons finish."""
     deadline = time.monotonic() + wait_s
     while True:
         pids = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if any(path in arg for arg in proc.info["cmdline"] or ()):
+        for proc in psutil.process_iter(["pid", "cmdline", "open_files", "status"]):
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            files = [f.path for f in proc.info["open_files"] or ()]
+            if any(path in arg for arg in [*(proc.info["cmdline"] or ()), *files]):
                 pids.append(proc.info["pid"])
         if not pids or time.monotonic() > deadline:
             return pids
         time.sleep(0.2)
+
+
+# --- Runs that were killed: their temp dirs and leftover Ray processes ---------------------------
+
+def _fake_run_dir(root: Path, name: str, owner: dict | None) -> Path:
+    path = root / f"{TEMP_PREFIX}{name}"
+    (path / "session_x" / "logs").mkdir(parents=True)
+    (path / "session_x" / "logs" / "raylet.out").write_text("log\n")
+    if owner is not None:
+        (path / OWNER_FILE).write_text(json.dumps(owner))
+    return path
+
+
+def _dead_pid_record() -> dict:
+    """The owner record of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    record = _owner_record(child.pid)
+    child.kill()
+    child.wait()
+    return record
+
+
+def _age(path: Path, seconds: float) -> None:
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+def test_reap_removes_only_dirs_of_dead_drivers_and_kills_their_processes(tmp_path: Path):
+    live = _fake_run_dir(tmp_path, "live", _owner_record(os.getpid()))
+    reused = _fake_run_dir(tmp_path, "reused", {**_owner_record(os.getpid()), "start_time": 1})  # pid reused
+    dead = _fake_run_dir(tmp_path, "dead", _dead_pid_record())
+    unowned_new = _fake_run_dir(tmp_path, "unownednew", None)  # a run about to write its record
+    unowned_old = _fake_run_dir(tmp_path, "unownedold", None)
+    _age(unowned_old, 3600)
+    unowned_used = _fake_run_dir(tmp_path, "unownedused", None)
+    _age(unowned_used, 3600)
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    # Leftovers of the dead run, "Ray processes" (a script under a ray/ directory): one names the
+    # dir on its command line, one (as Ray's renamed agents) only holds a log file open.
+    script = tmp_path / "site" / "ray" / "agent.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("import sys, time\nf = open(sys.argv[1]) if sys.argv[1] else None\nprint(flush=True)\n"
+                      "time.sleep(60)\n")
+    log = str(dead / "session_x" / "logs" / "raylet.out")
+    children = [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE)
+                for args in ([str(script), "", f"--temp-dir={dead}"], [str(script), log],
+                             [str(script), "", str(unowned_used)],
+                             ["-c", "import sys, time; f = open(sys.argv[1]); print(flush=True); time.sleep(60)", log])]
+    by_cmdline, by_file, user_of_unowned, not_ray = children
+    try:
+        for child in children:
+            child.stdout.readline()  # started, its file open
+        removed = reap_stale_temp_dirs(tmp_path)
+        assert sorted(removed) == sorted([reused, dead, unowned_old])
+        assert by_cmdline.wait(timeout=10) == -9 and by_file.wait(timeout=10) == -9
+        assert user_of_unowned.poll() is None, "a process of a dir without owner is never killed"
+        assert not_ray.poll() is None, "a program that is not Ray's (a tail -f of a log) is never killed"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            p.name for p in (live, unowned_new, unowned_used, other, script.parents[1]))
+        assert (live / "session_x" / "logs" / "raylet.out").is_file()
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+_KILLED_DRIVER_SCRIPT = textwrap.dedent(
+    """
+    import os, signal
+    from slime.ray.cluster import ray_cluster
+
+    with ray_cluster(num_cpus=1):
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+_NEXT_RUN_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, tempfile, time
+    from slime.ray.cluster import ray_cluster
+
+    with ray_cluster(num_cpus=1):
+        print(json.dumps(sorted(os.listdir(tempfile.gettempdir()))), flush=True)
+        if sys.argv[1] == "wait":
+            time.sleep(120)
+    """
+)
+
+
+def _run_env(home: str, tmp: str) -> dict:
+    env = {**os.environ, "HOME": home, "TMPDIR": tmp, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_next_run_removes_a_killed_runs_dir_and_processes_and_spares_a_live_one():
+    with tempfile.TemporaryDirectory(prefix="h") as home, tempfile.TemporaryDirectory(prefix="t") as tmp:
+        env = _run_env(home, tmp)
+        killed = subprocess.run([sys.executable, "-c", _KILLED_DRIVER_SCRIPT], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert killed.returncode == -9, killed.stderr
+        (stale,) = (os.path.join(tmp, name) for name in os.listdir(tmp))
+        assert _processes_mentioning(stale, wait_s=0), "Ray's agents outlive a killed driver"
+        live = _fake_run_dir(Path(tmp), "live", _owner_record(os.getpid()))
+
+        result = subprocess.run([sys.executable, "-c", _NEXT_RUN_SCRIPT, "exit"], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert f"removed {stale}, the Ray temp dir of a run that was killed" in result.stderr
+        inside = json.loads(result.stdout.strip().splitlines()[-1])
+        assert os.path.basename(stale) not in inside and live.name in inside and len(inside) == 2
+        assert not _processes_mentioning(stale, wait_s=0), "the killed run's Ray processes must be gone"
+        assert os.listdir(tmp) == [live.name], "a normal exit removes the run's own dir; a live run's stays"
+        assert (live / "session_x" / "logs" / "raylet.out").is_file()
+
+
+def test_sigterm_shuts_ray_down_and_removes_the_temp_dir():
+    with tempfile.TemporaryDirectory(prefix="h") as home, tempfile.TemporaryDirectory(prefix="t") as tmp:
+        driver = subprocess.Popen([sys.executable, "-c", _NEXT_RUN_SCRIPT, "wait"], env=_run_env(home, tmp),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            (name,) = json.loads(driver.stdout.readline())
+            ray_dir = os.path.join(tmp, name)
+            assert _processes_mentioning(ray_dir, wait_s=0)
+            driver.terminate()
+            assert driver.wait(timeout=60) == 128 + signal.SIGTERM, driver.stderr.read()
+        finally:
+            driver.kill()
+            driver.wait()
+        assert os.listdir(tmp) == []
+        assert not _processes_mentioning(ray_dir), "Ray daemons must be gone"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from slime.rollout.data import PromptDataset, Sample
+from slime.rollout.data import PromptDataset, PromptLimit, Sample
 from slime.utils.errors import UserError
 
 QUESTION = "What is 2 + 3? Answer with just the number."
@@ -190,3 +190,119 @@ def test_resume_with_a_changed_file_is_refused(tmp_path: Path, tokenizer: Any) -
 def test_next_batch_rejects_non_positive(tmp_path: Path, tokenizer: Any) -> None:
     with pytest.raises(ValueError, match="n >= 1"):
         PromptDataset(_numbered(tmp_path, 2), tokenizer).next_batch(0)
+
+
+# ---------------------------------------------------------------- bytes that are not UTF-8
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path: Path, tokenizer: Any) -> None:
+    # Long lines first: the bad byte lies well past the reader's first buffer, and the line is still exact.
+    long_rows = b"".join(json.dumps({"prompt": "x" * 5000}).encode() + b"\n" for _ in range(3))
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(long_rows + b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"^--prompt-data .*p\.jsonl:4: not UTF-8 text \(byte 0xe9 at column 16\); "
+                                        r"save the file as UTF-8$"):
+        PromptDataset(path, tokenizer)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path, tokenizer: Any) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "caf\u00e9"}).encode() + b"\r\n")
+    assert PromptDataset(path, tokenizer).samples()[0].prompt == "caf\u00e9"
+
+
+def test_parquet_string_not_utf8_names_file_and_row(tmp_path: Path, tokenizer: Any) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = pa.array([b"ok", b"fine", b"caf\xe9"], type=pa.binary()).view(pa.string())  # unchecked bytes
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": prompts}), path)
+    with pytest.raises(UserError, match=r"^--prompt-data .*p\.parquet:row 3: a string is not UTF-8 text; "
+                                        r"write the table with UTF-8 strings$"):
+        PromptDataset(path, tokenizer)
+
+
+def test_a_file_that_is_not_parquet_is_a_user_error(tmp_path: Path, tokenizer: Any) -> None:
+    path = tmp_path / "p.parquet"
+    path.write_bytes(b"this is not a parquet file")
+    with pytest.raises(UserError, match=r"^--prompt-data .*p\.parquet: not a readable parquet file \(.+\); "
+                                        r"write it with pyarrow or use jsonl$"):
+        PromptDataset(path, tokenizer)
+
+
+# ---------------------------------------------------------------- prompts longer than the model's context
+
+
+@pytest.fixture(scope="module")
+def chars(tmp_path_factory) -> Any:
+    """The character-level tokenizer of the tiny RL setup: one token per character."""
+    from tests._support.tiny_rl import make_tokenizer
+
+    return make_tokenizer(tmp_path_factory.mktemp("chars"))
+
+
+def _lengths(tmp_path: Path, lengths: list[int]) -> Path:
+    return _write(tmp_path / "p.jsonl", [{"prompt": "7" * n, "label": str(n)} for n in lengths])
+
+
+def test_an_over_long_prompt_names_file_line_tokens_limit_and_flag(tmp_path: Path, chars: Any) -> None:
+    limit = PromptLimit(max_positions=128, response_len=12)
+    with pytest.raises(UserError) as info:
+        PromptDataset(_lengths(tmp_path, [5, 200, 116, 117, 3]), chars, limit=limit)
+    assert str(info.value) == (
+        f"{tmp_path / 'p.jsonl'}:2: the prompt is 200 tokens, over the limit of 116 tokens "
+        "(max_position_embeddings 128 - --rollout-max-response-len 12), and 1 more prompt of this file is; "
+        "shorten them, lower "
+        "--rollout-max-response-len, or pass --over-long-prompts drop (or truncate)")
+
+
+def test_a_100k_character_prompt_fails_at_load(tmp_path: Path, chars: Any) -> None:
+    with pytest.raises(UserError, match=r"p\.jsonl:1: the prompt is 100000 tokens, over the limit of 116 "):
+        PromptDataset(_lengths(tmp_path, [100_000]), chars, limit=PromptLimit(128, 12))
+
+
+def test_drop_leaves_over_long_prompts_out_and_keeps_row_numbers(tmp_path: Path, chars: Any) -> None:
+    path = _lengths(tmp_path, [5, 200, 116, 117, 3])
+    ds = PromptDataset(path, chars, limit=PromptLimit(128, 12, policy="drop"), shuffle=False)
+    assert [(s.index, s.label) for s in ds.samples()] == [(0, "5"), (2, "116"), (4, "3")]
+    assert ds.over_long == [(f"{path}:2", 200), (f"{path}:4", 117)]
+
+
+def test_truncate_keeps_the_last_tokens(tmp_path: Path, chars: Any) -> None:
+    path = _write(tmp_path / "p.jsonl", [{"prompt": "abcdefghij" * 20 + "what is 3+4?"}, {"prompt": "short"}])
+    ds = PromptDataset(path, chars, apply_chat_template=True, limit=PromptLimit(128, 28, policy="truncate"))
+    long, short = ds.samples()
+    full = chars.apply_chat_template([{"role": "user", "content": "abcdefghij" * 20 + "what is 3+4?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    full_ids = chars(full, add_special_tokens=False)["input_ids"]
+    assert long.prompt_token_ids == full_ids[-100:]  # the question and the assistant header survive
+    assert long.prompt.endswith("what is 3+4?<|im_end|><|im_start|>a") and len(long.prompt_token_ids) == 100
+    assert chars(long.prompt, add_special_tokens=False)["input_ids"] == long.prompt_token_ids
+    assert short.prompt == "<|im_start|>ushort<|im_end|><|im_start|>a"
+    assert ds.over_long == [(f"{path}:1", len(full_ids))]
+
+
+def test_a_file_whose_every_prompt_is_dropped_holds_no_prompts(tmp_path: Path, chars: Any) -> None:
+    with pytest.raises(UserError, match=r"p\.jsonl: the file holds no prompts \(--over-long-prompts drop left out "
+                                        r"all 2, each over 116 tokens\)"):
+        PromptDataset(_lengths(tmp_path, [200, 300]), chars, limit=PromptLimit(128, 12, policy="drop"))
+
+
+def test_a_response_length_that_leaves_no_room_is_refused(tmp_path: Path, chars: Any) -> None:
+    limit = PromptLimit(128, 128, response_flag="--eval-max-response-len")
+    assert limit.error() == ("--eval-max-response-len 128 leaves no room for a prompt in the model's 128 positions "
+                             "(max_position_embeddings); lower it")
+    with pytest.raises(UserError, match="--eval-max-response-len 128 leaves no room"):
+        PromptDataset(_lengths(tmp_path, [1]), chars, limit=limit)
+
+
+def test_from_args_takes_the_limit_of_the_set(tmp_path: Path, chars: Any) -> None:
+    path = _lengths(tmp_path, [101, 5])
+    args = argparse.Namespace(prompt_data=str(path), input_key="prompt", label_key="label", metadata_key="metadata",
+                              apply_chat_template=False, seed=1, rollout_max_response_len=28,
+                              eval_max_response_len=8, over_long_prompts="drop")
+    assert len(PromptDataset.from_args(args, chars, max_positions=128)) == 1  # 101 > 128 - 28
+    evaluated = PromptDataset.from_args(args, chars, path=str(path), eval_set=True, max_positions=128)
+    assert len(evaluated) == 2 and [s.index for s in evaluated.next_batch(2)] == [0, 1]  # eval: file order
+    assert len(PromptDataset.from_args(args, chars)) == 2  # no model limit given: nothing is checked

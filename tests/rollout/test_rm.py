@@ -163,3 +163,163 @@ def test_async_custom_reward_that_raises(tmp_path: Path) -> None:
 def test_batch_rewards_keeps_order() -> None:
     samples = [_sample(r, "5", i) for i, r in enumerate(["5", "4", "=5", "five"])]
     assert asyncio.run(batch_rewards(_args("math"), samples)) == [1.0, 0.0, 1.0, 0.0]
+
+
+# --------------------------------------------------------------------------- --reward-timeout: bounded waits
+
+HUNG_RM = """
+    import asyncio
+    import threading
+    import time
+
+    STOP = threading.Event()  # the test releases the busy loop so no thread spins after it
+    CALLS = []
+
+    def sleeps(args, sample):
+        if sample.response == "hang":
+            time.sleep(1e9)
+        return 1.0
+
+    def spins(args, sample):
+        if sample.response == "hang":
+            while not STOP.is_set():
+                pass
+        return 1.0
+
+    async def awaits_forever(args, sample):
+        if sample.response == "hang":
+            await asyncio.Event().wait()
+        return 1.0
+
+    def slow(args, sample):
+        time.sleep(0.3)
+        return 2.0
+
+    def records(args, sample):
+        CALLS.append((sample.index, threading.current_thread().name))
+        return float(sample.index)
+"""
+
+
+def _timed_args(path: Path, fn: str, timeout: float) -> argparse.Namespace:
+    args = _args(custom_rm_path=f"{path}:{fn}")
+    args.reward_timeout = timeout
+    return args
+
+
+@pytest.mark.timeout(20)  # without the bound the call never returns
+@pytest.mark.parametrize("fn", ["sleeps", "spins", "awaits_forever"])
+def test_a_hung_reward_function_ends_in_one_line_within_the_timeout(tmp_path: Path, capfd, fn: str) -> None:
+    """A reward function that never returns (sleeping, spinning or awaiting forever) cannot freeze the
+    driver: after --reward-timeout a UserError names the function, the sample and the flag."""
+    import gc
+    import threading
+    import time
+
+    path = _write_rm(tmp_path / "hung_rm.py", HUNG_RM)
+    args = _timed_args(path, fn, 0.5)
+    samples = [_sample("fine", index=3), _sample("hang", index=5), _sample("fine", index=8)]
+    before = set(threading.enumerate())  # an earlier case's sleeping thread stays (a daemon) for good
+
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "slime-reward" and t not in before]
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(UserError) as info:
+            asyncio.run(batch_rewards(args, samples))
+    finally:
+        load_reward_fn(args).fn.__globals__["STOP"].set()
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert message == (f"reward function --custom-rm-path {path}:{fn} has not returned for sample 5 after 0.5 s "
+                       "(--reward-timeout 0.5); make it return (or raise) sooner, or raise --reward-timeout "
+                       "(0: no limit)"), message
+    assert 0.5 <= elapsed < 3.0, elapsed
+    if fn != "sleeps":  # a spinning call sees STOP, an awaiting one is cancelled: the worker thread ends
+        deadline = time.monotonic() + 5
+        while workers() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not workers()
+    assert all(t.daemon for t in workers())
+    gc.collect()
+    assert "never retrieved" not in capfd.readouterr().err
+
+
+def test_a_hung_reward_function_cannot_keep_the_process_alive(tmp_path: Path) -> None:
+    """The stuck call's thread is a daemon: the CLI prints its one line and the process exits."""
+    import subprocess
+    import sys
+
+    path = _write_rm(tmp_path / "hung_rm.py", HUNG_RM)
+    code = textwrap.dedent(f"""
+        import argparse, asyncio
+        from slime.rollout.data import Sample
+        from slime.rollout.rm import batch_rewards
+        from slime.utils.errors import run_main
+        args = argparse.Namespace(rm_type="math", custom_rm_path={str(path) + ':spins'!r}, reward_timeout=0.5)
+        run_main(lambda: asyncio.run(batch_rewards(args, [Sample(index=2, prompt="q", prompt_token_ids=[1],
+                                                                 response="hang")])))
+    """)
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: reward function --custom-rm-path ") and result.stderr.count("\n") == 1
+    assert "for sample 2 after 0.5 s" in result.stderr
+
+
+def test_the_timeout_bounds_each_call_not_the_batch(tmp_path: Path) -> None:
+    """Three 0.3 s calls under a 0.5 s timeout: each returns in time, so the batch (0.9 s) is scored."""
+    path = _write_rm(tmp_path / "rm.py", HUNG_RM)
+    samples = [_sample("a", index=i) for i in range(3)]
+    assert asyncio.run(batch_rewards(_timed_args(path, "slow", 0.5), samples)) == [2.0, 2.0, 2.0]
+    with pytest.raises(UserError, match=r"has not returned for sample 0 after 0\.1 s \(--reward-timeout 0\.1\)"):
+        asyncio.run(batch_rewards(_timed_args(path, "slow", 0.1), samples))
+
+
+def test_timeout_zero_means_no_limit_and_runs_in_the_calling_thread(tmp_path: Path) -> None:
+    import threading
+
+    path = _write_rm(tmp_path / "rm.py", HUNG_RM)
+    samples = [_sample("a", index=i) for i in range(3)]
+    assert asyncio.run(batch_rewards(_timed_args(path, "slow", 0), samples)) == [2.0, 2.0, 2.0]
+    args = _timed_args(path, "records", 0)
+    asyncio.run(batch_rewards(args, samples))
+    calls = load_reward_fn(args).fn.__globals__["CALLS"]
+    assert calls == [(i, threading.current_thread().name) for i in range(3)]
+
+
+def test_sync_rewards_run_one_at_a_time_in_sample_order(tmp_path: Path) -> None:
+    """Under a timeout a sync function still sees the samples one after another, in order (a stateful
+    function behaves as before), in one worker thread per batch."""
+    path = _write_rm(tmp_path / "rm.py", HUNG_RM)
+    args = _timed_args(path, "records", 60)
+    samples = [_sample("a", index=i) for i in (4, 1, 7, 2, 9)]
+    assert asyncio.run(batch_rewards(args, samples)) == [4.0, 1.0, 7.0, 2.0, 9.0]
+    calls = load_reward_fn(args).fn.__globals__["CALLS"]
+    assert [index for index, _ in calls] == [4, 1, 7, 2, 9]
+    assert len({thread for _, thread in calls}) == 1
+
+
+def test_math_rewards_are_identical_with_and_without_a_timeout() -> None:
+    """The demo's reward (--rm-type math): the same values, in the same order, whichever way it runs."""
+    import random
+
+    from slime.rollout.rm import math_reward
+
+    rng = random.Random(0)
+    samples = [_sample(f"{rng.choice(['so', 'thus', ''])} {rng.randint(0, 20)}.{rng.choice(['', '0', '5'])}",
+                       str(rng.randint(0, 20)), i) for i in range(200)]
+    expected = [math_reward(None, s) for s in samples]
+    assert 0 < sum(expected) < len(expected)
+    for timeout in (60.0, 0.0):
+        args = _args("math")
+        args.reward_timeout = timeout
+        assert asyncio.run(batch_rewards(args, samples)) == expected
+
+
+def test_errors_inside_the_worker_keep_their_one_line(tmp_path: Path) -> None:
+    path = _write_rm(tmp_path / "rm.py", "def f(args, sample):\n    raise KeyError('answer')\n")
+    args = _timed_args(path, "f", 5)
+    with pytest.raises(UserError, match=r"reward function .*:f raised on sample 7: KeyError: 'answer'"):
+        asyncio.run(batch_rewards(args, [_sample("x", index=7)]))

@@ -47,6 +47,7 @@ def test_parser_defaults():
     assert args.tensor_model_parallel_size == 1 and args.pipeline_model_parallel_size == 1
     assert args.num_rollout is None and args.num_epoch is None and args.seed == 1234
     assert args.rollout_merge_lora is True and args.bf16 is False
+    assert args.reward_timeout == 60.0 and args.actor_timeout == 3600.0
 
 
 def test_lora_defaults():
@@ -116,6 +117,9 @@ def test_parse_args_raises_one_user_error_naming_all_problems():
         (["--rm-type", "nope"], "--rm-type"),
         (["--use-kl-loss", "--kl-loss-coef", -0.1], "--kl-loss-coef"),
         (["--check-logprob-gap", -1], "--check-logprob-gap"),
+        (["--reward-timeout", -1], "--reward-timeout"),
+        (["--reward-timeout", "nan"], "--reward-timeout"),
+        (["--actor-timeout", -0.5], "--actor-timeout"),
     ],
 )
 def test_each_bad_value_names_its_flag(argv, flag):
@@ -132,6 +136,7 @@ def test_each_bad_value_names_its_flag(argv, flag):
         ["--rm-type", "custom", "--custom-rm-path", "my.module:reward"],
         ["--kl-loss-coef", -0.1],  # only checked with --use-kl-loss
         ["--check-logprob-gap", 0],
+        ["--reward-timeout", 0, "--actor-timeout", 0],  # 0: no limit
     ],
 )
 def test_boundary_values_are_accepted(argv):

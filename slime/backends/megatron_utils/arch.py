@@ -85,6 +85,16 @@ class ModelArch:
         """The vocabulary rounded up to a multiple of TP; padded logits are masked out."""
         return -(-self.vocab_size // tp_size) * tp_size
 
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``(out, in)`` of every per-layer linear of the megatron-core model, by dotted name (the
+        fused ones: ``linear_qkv`` [(H + 2G) d, h], ``linear_fc1`` [2F, h] = [gate; up])."""
+        q, kv = self.num_attention_heads * self.head_dim, self.num_query_groups * self.head_dim
+        h, f = self.hidden_size, self.ffn_hidden_size
+        per_layer = {"self_attention.linear_qkv": (q + 2 * kv, h), "self_attention.linear_proj": (h, q),
+                     "mlp.linear_fc1": (2 * f, h), "mlp.linear_fc2": (h, f)}
+        return {f"decoder.layers.{i}.{name}": shape
+                for i in range(self.num_layers) for name, shape in per_layer.items()}
+
     def tp_errors(self, tp_size: int) -> list[str]:
         errors = []
         for what, n in (("attention heads", self.num_attention_heads), ("query groups", self.num_query_groups)):

@@ -87,7 +87,7 @@ def _weights_kind(lora: LoraConfig | None) -> str:
 
 def _read_json(path: Path) -> Any:
     return read_json_file(path, missing=f"{path}: missing; the checkpoint is incomplete, resume from another --load "
-                          "directory", corrupt_fix="; resume from another checkpoint")
+                          "directory", corrupt_fix="; the file is corrupt, resume from another checkpoint")
 
 
 def _file_record(path: Path) -> dict:
@@ -236,36 +236,56 @@ def _jsonable_args(args: argparse.Namespace) -> dict:
     return out
 
 
-def _check_compatible(meta: dict, arch: ModelArch, args: argparse.Namespace, path: Path) -> None:
+def _manifest_problem(meta: dict) -> str | None:
+    """What is malformed in a ``checkpoint.json`` of the right format and version, or None."""
+    for key, kinds in (("model", dict), ("lora", (dict, type(None))), ("parallel", dict), ("files", dict)):
+        if key not in meta:
+            return f"'{key}' is missing"
+        if not isinstance(meta[key], kinds):
+            return f"'{key}' is {type(meta[key]).__name__}, not what this trainer writes"
+    for name, record in meta["files"].items():
+        if not (isinstance(record, dict) and type(record.get("bytes")) is int
+                and type(record.get("sha256")) is str):
+            return f"'files' entry {name!r} lacks its bytes and sha256"
+    return None
+
+
+def _check_compatible(meta: Any, arch: ModelArch, args: argparse.Namespace, path: Path) -> None:
     """One UserError naming the flag that differs between the saving run and this one."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(meta).__name__}; the file is corrupt, resume "
+                        "from another checkpoint")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise UserError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} checkpoint (format {meta.get('format')!r}, "
                         f"version {meta.get('version')!r}); point --load at a --save directory of this trainer")
+    problem = _manifest_problem(meta)
+    if problem:
+        raise UserError(f"{path}: {problem}; the file is corrupt, resume from another checkpoint")
     now = dataclasses.asdict(arch)
-    diff = [f"{k} {meta['model'].get(k)} != {v}" for k, v in now.items() if meta["model"].get(k) != v]
+    diff = [f"{k} {meta['model'].get(k)!r} != {v!r}" for k, v in now.items() if meta["model"].get(k) != v]
     if diff:
         raise UserError(f"{path}: checkpoint is of a different model (saved vs now: {', '.join(diff)}); "
                         f"--hf-checkpoint must be the model the checkpoint was trained from")
     saved_lora, lora = meta["lora"], _lora_flags(args.lora)
     if (saved_lora is None) != (lora is None):
-        had = "with" if saved_lora else "without"
+        had = "with" if saved_lora is not None else "without"
         raise UserError(f"{path}: checkpoint was saved {had} --use-lora; resume {had} --use-lora")
     for key in lora or {}:
-        if saved_lora[key] != lora[key]:
+        if saved_lora.get(key) != lora[key]:
             flag = "--" + key.replace("_", "-")
-            raise UserError(f"{path}: checkpoint was saved with {flag} {saved_lora[key]}, this run has "
-                            f"{flag} {lora[key]}; resume with {flag} {saved_lora[key]}")
-    layout = _parallel_layout(args)
+            raise UserError(f"{path}: checkpoint was saved with {flag} {saved_lora.get(key)!r}, this run has "
+                            f"{flag} {lora[key]!r}; resume with {flag} {saved_lora.get(key)!r}")
+    layout, saved = _parallel_layout(args), meta["parallel"]
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if meta["parallel"][key] != layout[key]:
+        if saved.get(key) != layout[key]:
             flag = "--" + key.replace("_", "-")
-            raise UserError(f"{path}: checkpoint was saved with {flag} {meta['parallel'][key]}, this run has "
-                            f"{layout[key]}; resume with {flag} {meta['parallel'][key]} (resharding optimizer "
+            raise UserError(f"{path}: checkpoint was saved with {flag} {saved.get(key)!r}, this run has "
+                            f"{layout[key]}; resume with {flag} {saved.get(key)!r} (resharding optimizer "
                             f"state across parallel sizes is not supported)")
-    if meta["parallel"]["world_size"] != layout["world_size"]:
-        raise UserError(f"{path}: checkpoint was saved by {meta['parallel']['world_size']} training processes, this "
+    if saved.get("world_size") != layout["world_size"]:
+        raise UserError(f"{path}: checkpoint was saved by {saved.get('world_size')!r} training processes, this "
                         f"run has {layout['world_size']}; set --actor-num-nodes x --actor-num-gpus-per-node to "
-                        f"{meta['parallel']['world_size']} (changing the data-parallel size is not supported)")
+                        f"{saved.get('world_size')!r} (changing the data-parallel size is not supported)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,10 +428,25 @@ def read_latest_iteration(load_dir: str | Path) -> int:
     path = Path(load_dir) / LATEST_FILE
     if not path.is_file():
         raise UserError(f"{path}: missing; --load must be a --save directory holding a finished checkpoint")
-    text = path.read_text().strip()
-    if not text.isdigit():
+    text = path.read_bytes().decode("utf-8", errors="replace").strip()
+    # ASCII digits only (str.isdigit also takes '²', which int() refuses), and few enough for int()
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise UserError(f"{path}: expected an iteration number, found {text[:40]!r}; the file is corrupt")
     return int(text)
+
+
+def newest_checkpoint(save_dir: str | Path) -> tuple[int, Path] | None:
+    """``(iteration, directory)`` of the checkpoint ``--load save_dir`` would resume from, or None
+    when there is none (no ``latest`` file yet, a garbled one, or the iteration it names is gone)."""
+    try:
+        iteration = read_latest_iteration(save_dir)
+    except (UserError, OSError):
+        return None
+    final, _, replaced = _staging_dirs(Path(save_dir), iteration)
+    for iter_dir in (final, replaced):  # the order load_checkpoint picks them in
+        if (iter_dir / META_FILE).is_file():
+            return iteration, iter_dir
+    return None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -162,7 +162,8 @@ def test_never_wraps_twice():
         (dict(lora_alpha=0.0), "--lora-alpha"),
         (dict(lora_dropout=1.0), "--lora-dropout"),
         (dict(lora_dropout=-0.1), "--lora-dropout"),
-        (dict(r=17), "--lora-r 17 exceeds the smaller dimension \\(16\\)"),
+        (dict(r=17), r"^--lora-r 17 exceeds the smaller dimension of 2 target modules "
+                     r"\(layers\.\*\.linear_qkv x2: 16\); use --lora-r <= 16$"),
         (dict(targets=["linear_nothing"]), "'linear_nothing' matches no module"),
     ],
 )
@@ -172,6 +173,15 @@ def test_bad_inputs_name_the_flag(kwargs, message):
     targets = args.pop("targets")
     with pytest.raises(ValueError, match=message):
         apply_lora_to_model(Toy(), targets, **args)
+
+
+def test_a_rank_too_large_for_many_modules_is_said_once_per_name_pattern():
+    with pytest.raises(ValueError) as info:
+        apply_lora_to_model(Toy(layers=12), ["all-linear"], r=40, lora_alpha=8.0)
+    # linear_qkv [48, 16], linear_proj [16, 16], linear_fc1 [64, 16], linear_fc2 [16, 32] in each of 12 layers
+    assert str(info.value) == ("--lora-r 40 exceeds the smaller dimension of 48 target modules "
+                               "(layers.*.linear_qkv x12: 16, layers.*.linear_proj x12: 16, "
+                               "layers.*.linear_fc1 x12: 16, layers.*.linear_fc2 x12: 16); use --lora-r <= 16")
 
 
 def test_errors_are_collected():
