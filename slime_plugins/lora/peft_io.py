@@ -54,7 +54,7 @@ from slime.backends.megatron_utils.hf_convert import (
 from slime.backends.megatron_utils.parallel import barrier, gather_pipeline_stages, is_rank0, tp_rank_size, unwrap_model
 from slime.utils.errors import UserError
 from slime.utils.hf_names import HF_LAYER_PREFIX, MEGATRON_TO_HF_LAYER
-from slime.utils.lora_config import LoraConfig
+from slime.utils.lora_config import LoraConfig, target_matches
 from slime.utils.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -65,7 +65,7 @@ from slime.utils.peft_format import (
     read_peft_adapter,
     write_peft_dir,
 )
-from slime_plugins.lora.lora_layer import LoRALinear, find_lora_targets, lora_modules
+from slime_plugins.lora.lora_layer import LoRALinear, lora_modules
 
 _LAYER_MODULE = re.compile(rf"^{re.escape(HF_LAYER_PREFIX)}\.(\d+)\.(.+)$")
 
@@ -125,27 +125,14 @@ def export_peft_adapter(chunks: Sequence[nn.Module], arch: ModelArch) -> dict[st
 
 
 def _covered_by_flags(config: LoraConfig, arch: ModelArch) -> set[str]:
-    """HF modules that ``--lora-target-modules`` wraps, found by matching them against a skeleton
-    with the model's Megatron names (the same matcher as the real model, no weights built)."""
-    skeleton = nn.Module()
-    for layer in range(arch.num_layers):
-        for module in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
-            parent_name, _, leaf = f"decoder.layers.{layer}.{module}".rpartition(".")
-            _ensure_path(skeleton, parent_name).add_module(leaf, nn.Linear(1, 1, bias=False))
-    found, _ = find_lora_targets(skeleton, config.targets)
+    """HF modules that ``--lora-target-modules`` wraps: the model's linears (by Megatron name, from
+    ``arch``, no weights built) that the plugin's matcher selects, mapped to their HF parts."""
     covered = set()
-    for name in found:
-        layer, module, _ = split_megatron_name(f"{name}.weight")
-        covered.update(n.removesuffix(".weight") for n in hf_names(layer, module, "weight"))
+    for name in arch.linear_shapes():
+        if any(target_matches(target, name) for target in config.targets):
+            layer, module, _ = split_megatron_name(f"{name}.weight")
+            covered.update(n.removesuffix(".weight") for n in hf_names(layer, module, "weight"))
     return covered
-
-
-def _ensure_path(root: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        if not hasattr(root, part):
-            root.add_module(part, nn.Module())
-        root = getattr(root, part)
-    return root
 
 
 def _target_modules(covered: set[str], arch: ModelArch) -> list[str]:
