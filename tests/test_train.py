@@ -337,7 +337,7 @@ def test_a_killed_engine_ends_the_run_with_one_line_and_the_resume_command(setup
     command that resumes from it; the Ray traceback is in --log-dir, not on stderr."""
     import signal
 
-    from slime.ray.faults import EXIT_ACTOR_FAILURE
+    from slime.utils.errors import EXIT_RESUMABLE as EXIT_ACTOR_FAILURE
 
     proc, argv, engine, ended_after = _signal_engine_after_a_checkpoint(setup, tmp_path, signal.SIGKILL)
     assert proc.returncode == EXIT_ACTOR_FAILURE, proc.stderr[-3000:]
@@ -355,7 +355,7 @@ def test_a_hung_engine_ends_the_run_after_actor_timeout(setup, tmp_path):
     kind of line, naming the engine, the call it hangs in and the deadline."""
     import signal
 
-    from slime.ray.faults import EXIT_ACTOR_FAILURE
+    from slime.utils.errors import EXIT_RESUMABLE as EXIT_ACTOR_FAILURE
 
     proc, argv, engine, ended_after = _signal_engine_after_a_checkpoint(setup, tmp_path, signal.SIGSTOP,
                                                                         "--actor-timeout", 15)

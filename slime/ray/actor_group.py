@@ -206,6 +206,12 @@ class RayActorGroup:
         """Run ``method`` on every actor and return the results in rank order."""
         return self.get(self.async_call(method, *args, **kwargs), method)
 
+    def call_each(self, method: str, args_per_rank: Sequence[tuple]) -> list[Any]:
+        """Run ``method(*args_per_rank[i])`` on actor ``i`` for each given tuple (ranks beyond the list
+        sit out); results in rank order (not for methods that enter a collective)."""
+        refs = [getattr(actor, method).remote(*args) for actor, args in zip(self.actors, args_per_rank)]
+        return self.get(refs, method, ranks=range(len(refs)))
+
     def call_rank0(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run ``method`` on rank 0 only (not for methods that enter a collective)."""
         return self.get([getattr(self.actors[0], method).remote(*args, **kwargs)], method)[0]

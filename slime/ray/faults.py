@@ -7,7 +7,8 @@ stderr before the process exits with status 3:
 * an actor died (SIGKILL, the OOM killer, a crash): ``ray.exceptions.RayActorError`` from the call
   waiting on it, or, when another rank noticed first (a collective lost its peer), any Ray error
   after which a quick probe of every actor finds a dead one;
-* a call has not returned within ``--actor-timeout`` (:class:`~slime.ray.actor_group.ActorTimeoutError`).
+* a call has not returned within ``--actor-timeout`` (:class:`~slime.ray.actor_group.ActorTimeoutError`);
+* an actor reported a :class:`~slime.utils.errors.ResumableFailure` (its vLLM server died).
 
 The line names what failed (``the rollout engine (pid 123)``, ``training rank 1 (pid 124)``) and
 how (Ray's exit cause, shortened, or the method and the deadline), the newest complete checkpoint
@@ -36,18 +37,15 @@ from ray.exceptions import RayActorError, RayError
 
 from slime.backends.megatron_utils.checkpoint import newest_checkpoint
 from slime.ray.actor_group import ActorTimeoutError, registered_groups
-from slime.utils.errors import UserError
+from slime.utils.errors import ResumableFailure
 
-EXIT_ACTOR_FAILURE = 3
 LOG_NAME = "actor_failure.log"
 # How long the actors get to answer "are you alive?" after a Ray error that names no dead actor.
 PROBE_S = 2.0
 
 
-class ActorFailure(UserError):
-    """An actor died or hung; the message is the one-line report (exit status 3: resumable)."""
-
-    exit_status = EXIT_ACTOR_FAILURE
+class ActorFailure(ResumableFailure):
+    """An actor died or hung, or a service it runs failed; the message is the one-line report."""
 
 
 # ------------------------------------------------------------------------------ the message
@@ -186,6 +184,10 @@ def actor_failures_end_the_run(args: argparse.Namespace, argv: Sequence[str] | N
     Use inside the Ray cluster's context (the probes need Ray); other errors pass unchanged."""
     try:
         yield
+    except ActorFailure:
+        raise
+    except ResumableFailure as error:  # raised inside an actor: e.g. its vLLM server died
+        raise ActorFailure(failure_line(str(error), args, error, argv)[0]) from None
     except ActorTimeoutError as error:
         what = f"{error} (--actor-timeout {args.actor_timeout:g})"
         raise ActorFailure(failure_line(what, args, error, argv)[0]) from None

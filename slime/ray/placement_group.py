@@ -1,8 +1,8 @@
 """Where everything runs: placement groups, the rollout manager and the training group.
 
-One placement group holds ``world_size`` training bundles followed by one rollout bundle
-(``--colocate``: the rollout engine shares training bundle 0 instead).  Bundles are
-``{GPU: 1, CPU: 1}`` on GPU machines and ``{CPU: 1}`` otherwise.
+One placement group holds ``world_size`` training bundles followed by one bundle per rollout
+engine (``--rollout-num-engines``; with ``--colocate`` the engines share the first training
+bundles instead).  Bundles are ``{GPU: 1, CPU: 1}`` on GPU machines and ``{CPU: 1}`` otherwise.
 """
 
 from __future__ import annotations
@@ -28,21 +28,24 @@ from slime.utils.allocator import allocator_env
 class PlacementGroups:
     group: PlacementGroup
     actor_bundles: range
-    rollout_bundle: int
+    rollout_bundles: range
 
 
 def num_bundles(args: argparse.Namespace) -> int:
-    return args.world_size + (0 if args.colocate else 1)
+    if args.colocate:
+        return max(args.world_size, args.rollout_num_engines)
+    return args.world_size + args.rollout_num_engines
 
 
 def create_placement_groups(args: argparse.Namespace) -> PlacementGroups:
     total = num_bundles(args)
     group = create_placement_group(total, use_gpu=torch.cuda.is_available(), flag="--actor-num-gpus-per-node")
-    return PlacementGroups(group, range(args.world_size), 0 if args.colocate else args.world_size)
+    first_rollout = 0 if args.colocate else args.world_size
+    return PlacementGroups(group, range(args.world_size), range(first_rollout, first_rollout + args.rollout_num_engines))
 
 
 def create_rollout_manager(args: argparse.Namespace, pgs: PlacementGroups) -> RolloutManager:
-    return RolloutManager(args, pgs.group, pgs.rollout_bundle)
+    return RolloutManager(args, pgs.group, pgs.rollout_bundles)
 
 
 class TrainGroup:

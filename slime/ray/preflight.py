@@ -1,8 +1,11 @@
 """Start-up checks that need files or the machine (the flag checks live in arguments.py).
 
 Run in the driver before Ray starts, so a bad path, an impossible layout, a prompt file the
-rollout would refuse (not UTF-8, empty, a bad row, a prompt longer than the model's context),
-a LoRA rank above a module's dimension or an output directory that cannot be written costs
+rollout would refuse (not UTF-8, empty, a bad row, a prompt longer than the model's context,
+a label the built-in reward cannot score), a config.json or safetensors header the trainer
+could not read, a LoRA rank above a module's dimension, a --lora-adapter-path or --load
+directory the trainer would refuse (read and checked as it checks them, tensors aside), a
+--custom-rm-path that does not import, or an output directory that cannot be written costs
 nothing and leaves nothing behind.  Every problem is collected, then raised as one UserError;
 the output directories this created are removed again when there is one.
 """
@@ -19,6 +22,8 @@ import torch
 
 from slime.rollout.data import check_prompt_files
 from slime.rollout.engines import ENGINES
+from slime.rollout.rm import label_problem, load_reward_fn
+from slime.rollout.vllm_server import find_vllm_python, vllm_python_error
 from slime.utils.errors import UserError, raise_collected
 from slime.utils.lora_config import rank_errors, target_matches
 from slime.utils.peft_format import CONFIG_NAME
@@ -48,6 +53,8 @@ def _path_errors(args: argparse.Namespace) -> list[str]:
         errors.append(f"--lora-adapter-path {adapter}: no {CONFIG_NAME} there (a PEFT adapter directory)")
     if args.rollout_engine not in ENGINES:
         errors.append(f"--rollout-engine {args.rollout_engine}: unknown; choose one of {', '.join(sorted(ENGINES))}")
+    elif args.rollout_engine == "vllm" and (problem := vllm_python_error(find_vllm_python(args.vllm_python))):
+        errors.append(problem)
     if args.ref_load and not (Path(args.ref_load) / "config.json").is_file():
         errors.append(f"--ref-load {args.ref_load}: no config.json there")
     return errors
@@ -59,10 +66,27 @@ def _model_arch(args: argparse.Namespace) -> tuple[ModelArch | None, list[str]]:
         return None, []  # reported by _path_errors
     from slime.backends.megatron_utils.arch import ModelArch
 
+    path = Path(args.hf_checkpoint) / "config.json"
     try:
-        return ModelArch.from_checkpoint(args.hf_checkpoint), []
+        arch = ModelArch.from_checkpoint(args.hf_checkpoint)
     except UserError as exc:
         return None, [str(exc)]
+    except KeyError as exc:  # a field the model needs is absent
+        return None, [f"{path}: no {exc.args[0]!r} field; point --hf-checkpoint at a complete Hugging Face model "
+                      "directory"]
+    except (TypeError, AttributeError, ValueError, ArithmeticError) as exc:  # not an object, a field of the wrong type
+        return None, [f"{path}: not a model config this trainer can read ({type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())}); point --hf-checkpoint at a Hugging Face model directory"]
+    hf_keys = {"num_layers": "num_hidden_layers", "ffn_hidden_size": "intermediate_size",
+               "num_query_groups": "num_key_value_heads"}
+    for field, value in vars(arch).items():  # the sizes the model is built from: positive integers
+        if field in _ARCH_SIZES and (type(value) is not int or value < 1):
+            return None, [f"{path}: {hf_keys.get(field, field)} is {value!r}, expected an integer >= 1"]
+    return arch, []
+
+
+_ARCH_SIZES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
+               "vocab_size", "max_position_embeddings")
 
 
 def _layout_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
@@ -94,6 +118,58 @@ def _lora_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
     return rank_errors(args.lora.r, shapes)
 
 
+def _weights_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
+    """--hf-checkpoint's safetensors: present, and headers that cover the files (truncation); no tensor is read."""
+    if arch is None:
+        return []
+    from slime.backends.megatron_utils.hf_convert import CheckpointReader
+
+    try:
+        CheckpointReader(args.hf_checkpoint, arch)
+    except UserError as exc:
+        return [str(exc)]
+    return []
+
+
+def _adapter_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
+    """--lora-adapter-path read and checked as the trainer's loader checks it: a valid PEFT directory,
+    made for this base model (module shapes), with the r / alpha / rslora of the flags."""
+    adapter_path = args.lora.adapter_path if args.lora else None
+    if arch is None or not adapter_path or not (Path(adapter_path) / CONFIG_NAME).is_file():
+        return []  # no adapter, or reported by _path_errors
+    from slime.utils.peft_format import read_peft_adapter
+    from slime_plugins.lora.peft_io import _check_flags, _shape_errors  # the loader's own checks, same messages
+
+    try:
+        adapter = read_peft_adapter(adapter_path)
+        errors = _shape_errors(adapter, arch)
+        if not errors:
+            _check_flags(adapter, args.lora)
+    except UserError as exc:
+        return [str(exc)]
+    return [errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)"] if errors else []
+
+
+def _load_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
+    """--load: the latest-iteration file, the checkpoint it names and its fit with this run (as the trainer checks)."""
+    if arch is None or not args.load or not (Path(args.load) / "latest_checkpointed_iteration.txt").is_file():
+        return []  # reported by _path_errors
+    from slime.backends.megatron_utils.checkpoint import load_dir_problem
+
+    problem = load_dir_problem(args.load, arch, args, world_size=args.world_size)
+    return [problem] if problem else []
+
+
+def _reward_errors(args: argparse.Namespace) -> list[str]:
+    """The reward function the flags name (a --custom-rm-path module is imported now, in this process, as the
+    rollout manager would)."""
+    try:
+        load_reward_fn(args)
+    except UserError as exc:
+        return [str(exc)]
+    return []
+
+
 def _load_tokenizer(checkpoint: str) -> tuple[Any, list[str]]:
     """The rollout's tokenizer (RolloutManager loads the same one), or why it cannot be loaded."""
     from transformers import AutoTokenizer
@@ -103,6 +179,10 @@ def _load_tokenizer(checkpoint: str) -> tuple[Any, list[str]]:
     except (OSError, ValueError, TypeError):
         return None, [f"--hf-checkpoint {checkpoint}: no tokenizer could be loaded there (the rollout tokenises the "
                       "prompts with it); copy the model's tokenizer files next to its config.json"]
+    except Exception as exc:  # transformers' own checks of config.json / tokenizer files, each its own type
+        reason = " ".join(str(exc).split())[:300]
+        return None, [f"--hf-checkpoint {checkpoint}: transformers cannot load its tokenizer ({type(exc).__name__}: "
+                      f"{reason}); fix the files there (config.json, tokenizer files)"]
 
 
 def _data_problems(args: argparse.Namespace, arch: ModelArch | None) -> tuple[list[str], list[str]]:
@@ -112,7 +192,7 @@ def _data_problems(args: argparse.Namespace, arch: ModelArch | None) -> tuple[li
     tokenizer, errors = _load_tokenizer(args.hf_checkpoint)
     if tokenizer is None:
         return errors, []
-    return check_prompt_files(args, tokenizer, arch.max_position_embeddings)
+    return check_prompt_files(args, tokenizer, arch.max_position_embeddings, check_label=label_problem(args))
 
 
 def _make_dirs(flag: str, target: Path, created: list[Path]) -> str | None:
@@ -169,6 +249,8 @@ def check_run(args: argparse.Namespace) -> None:
     """Raise one UserError listing every problem; warn about legal but useless settings."""
     arch, errors = _model_arch(args)
     errors = _path_errors(args) + errors + _layout_errors(args, arch) + _lora_errors(args, arch)
+    errors += _weights_errors(args, arch) + _adapter_errors(args, arch) + _load_errors(args, arch)
+    errors += _reward_errors(args)
     data_errors, warnings = _data_problems(args, arch)
     errors += data_errors
     outputs = [(flag, path) for flag, path in (("--save", args.save), ("--log-dir", args.log_dir)) if path]

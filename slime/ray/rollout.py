@@ -1,10 +1,11 @@
 """The rollout side of the RL loop: prompts in, scored samples out.
 
 :class:`RolloutManager` (driver side) owns the prompt data, the reward function and the
-rollout engine: a Ray actor running the ``--rollout-engine`` implementation
-(:mod:`slime.rollout.engines`) in its own bundle.  The trainer's weight updates reach the
-engine as an ``ObjectRef`` straight from the training actor, without passing through the
-driver: with LoRA, only the adapter tensors.
+rollout engines: ``--rollout-num-engines`` Ray actors running the ``--rollout-engine``
+implementation (:mod:`slime.rollout.engines`), each in its own bundle.  A rollout's prompt
+groups are split among the engines in contiguous shares, so every group stays on one engine.
+The trainer's weight updates reach the engines as an ``ObjectRef`` straight from the
+training actor, without passing through the driver: with LoRA, only the adapter tensors.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from slime.utils.allocator import allocator_env
 class RolloutManager:
     """Generates and scores one rollout at a time; evaluates the held-out sets."""
 
-    def __init__(self, args: argparse.Namespace, group: PlacementGroup, bundle_index: int) -> None:
+    def __init__(self, args: argparse.Namespace, group: PlacementGroup, bundles: range) -> None:
         from transformers import AutoTokenizer
 
         self.args = args
@@ -46,28 +47,38 @@ class RolloutManager:
         for name, path in zip(pairs[::2], pairs[1::2]):
             self.eval_sets[name] = PromptDataset.from_args(args, self.tokenizer, path=path, eval_set=True,
                                                            max_positions=positions)
-        # One independent actor (no torch.distributed world) running the chosen engine class.
-        self.engine = RayActorGroup(engine_class(args.rollout_engine), 1, group, use_gpu=torch.cuda.is_available(),
-                                    kwargs=engine_kwargs(args), first_bundle=bundle_index,
-                                    env_vars=allocator_env(args.allocator), distributed=False,
-                                    name="the rollout engine", timeout_s=args.actor_timeout)
-        self.engine_pid: int = self.engine.call_rank0("pid")
-        self.engine.pids = [self.engine_pid]  # failure reports name the process
+        # Independent actors (no torch.distributed world), each running the chosen engine class.
+        self.engines = RayActorGroup(engine_class(args.rollout_engine), len(bundles), group,
+                                     use_gpu=torch.cuda.is_available(), kwargs=engine_kwargs(args),
+                                     first_bundle=bundles.start, env_vars=allocator_env(args.allocator),
+                                     distributed=False, name="the rollout engine", timeout_s=args.actor_timeout)
+        self.engine_pids: list[int] = self.engines.call("pid")
+        self.engines.pids = self.engine_pids  # failure reports name the process
         self.adapter = POLICY_ADAPTER if args.use_lora else None
 
     # ------------------------------------------------------------------ weights
 
     def update_weights(self, payload_ref: ray.ObjectRef) -> dict:
-        """Hand the engine the trainer's export (an ObjectRef resolved inside the engine actor)."""
-        return self.engine.call_rank0("apply_update", payload_ref)
+        """Hand every engine the trainer's export (an ObjectRef resolved inside each engine actor).
+
+        ``sync/bytes`` and ``sync/tensors`` add up over the engines; ``sync/engine_seconds`` is the slowest."""
+        results = self.engines.call("apply_update", payload_ref)
+        metrics = dict(results[0])
+        for key in ("sync/bytes", "sync/tensors"):
+            metrics[key] = sum(r[key] for r in results)
+        metrics["sync/engine_seconds"] = max(r["sync/engine_seconds"] for r in results)
+        return metrics
 
     # ------------------------------------------------------------------ rollout
 
     def num_rollout_per_epoch(self) -> int:
         return max(1, len(self.dataset) // self.args.rollout_batch_size) if self.dataset else 0
 
-    def _generate(self, samples: list[Sample], params: SamplingParams) -> list[Sample]:
-        outputs = self.engine.call_rank0("generate", [s.prompt_token_ids for s in samples], params, self.adapter)
+    def _generate(self, samples: list[Sample], params: SamplingParams, group_size: int) -> list[Sample]:
+        prompts = [s.prompt_token_ids for s in samples]
+        shares = engine_shares(len(samples), group_size, len(self.engines))
+        calls = [(prompts[share], params, self.adapter) for share in shares]
+        outputs = [out for part in self.engines.call_each("generate", calls) for out in part]
         for sample, out in zip(samples, outputs):
             sample.response_token_ids = out.token_ids
             sample.rollout_logprobs = out.logprobs
@@ -87,7 +98,7 @@ class RolloutManager:
         samples = repeat_prompts(self.dataset.next_batch(args.rollout_batch_size), args.n_samples_per_prompt)
         params = SamplingParams(max_new_tokens=args.rollout_max_response_len, temperature=args.rollout_temperature,
                                 top_p=args.rollout_top_p, top_k=args.rollout_top_k, seed=args.seed * 100003 + rollout_id)
-        samples = self._generate(samples, params)
+        samples = self._generate(samples, params, args.n_samples_per_prompt)
         seconds = time.time() - start
         rewards = [s.reward for s in samples]
         advantages = group_advantages(rewards, args.n_samples_per_prompt, args.advantage_estimator).tolist()
@@ -114,7 +125,7 @@ class RolloutManager:
             samples = [copy.copy(s) for s in dataset.samples() for _ in range(args.n_samples_per_eval_prompt)]
             params = SamplingParams(max_new_tokens=args.eval_max_response_len, temperature=args.eval_temperature,
                                     seed=args.seed + 7)
-            samples = self._generate(samples, params)
+            samples = self._generate(samples, params, args.n_samples_per_eval_prompt)
             metrics[f"eval/{name}/reward_mean"] = sum(s.reward for s in samples) / len(samples)
             metrics[f"eval/{name}/response_len_mean"] = sum(len(s.response_token_ids) for s in samples) / len(samples)
             metrics[f"perf/eval_{name}_seconds"] = time.time() - start
@@ -129,3 +140,17 @@ class RolloutManager:
         if self.dataset and "dataset" in state:
             self.dataset.load_state_dict(state["dataset"])
 
+
+
+def engine_shares(num_rows: int, group_size: int, num_engines: int) -> list[slice]:
+    """Contiguous row ranges, one per engine that gets work, each a whole number of groups of
+    ``group_size`` rows, as even as possible (the first engines take one group more)."""
+    groups = -(-num_rows // group_size)
+    per, extra = divmod(groups, num_engines)
+    shares, start = [], 0
+    for i in range(num_engines):
+        stop = min(num_rows, start + (per + (i < extra)) * group_size)
+        if stop > start:
+            shares.append(slice(start, stop))
+        start = stop
+    return shares

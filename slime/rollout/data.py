@@ -26,7 +26,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from slime.utils.errors import UserError
 
@@ -201,8 +201,10 @@ class PromptDataset:
         shuffle: bool = True,
         flag: str = "--prompt-data",
         limit: PromptLimit | None = None,
+        check_label: Callable[[Any], str | None] | None = None,
     ) -> None:
         self.path = Path(path)
+        self._check_label = check_label  # what the reward function cannot score (start-up checks only)
         self.seed = seed
         self.shuffle = shuffle
         if apply_chat_template and getattr(tokenizer, "chat_template", None) is None:
@@ -246,7 +248,7 @@ class PromptDataset:
         """Every row parsed; over-long prompts handled as ``limit.policy`` says."""
         if limit is not None and limit.error():
             raise UserError(f"{flag} {self.path}: {limit.error()}")
-        samples = []
+        samples, bad_label = [], ""
         for index, (location, row) in enumerate(_read_rows(self.path, flag)):
             sample = self._parse(index, location, row)
             length = len(sample.prompt_token_ids)
@@ -257,6 +259,8 @@ class PromptDataset:
                 if limit.policy == "truncate":  # keep the end: the question and the assistant header
                     sample.prompt_token_ids = sample.prompt_token_ids[-limit.tokens:]
                     sample.prompt = self._tokenizer.decode(sample.prompt_token_ids)
+            if self._check_label is not None and not bad_label and (problem := self._check_label(sample.label)):
+                bad_label = f"{location}: {problem}"  # said after the file's other problems
             samples.append(sample)
         if limit is not None and limit.policy == "error" and self.over_long:
             (location, length), more = self.over_long[0], len(self.over_long) - 1
@@ -264,6 +268,8 @@ class PromptDataset:
             raise UserError(f"{location}: the prompt is {length} tokens, over the limit of {limit.describe()}"
                             f"{others if more else ''}; shorten {'them' if more else 'it'}, lower "
                             f"{limit.response_flag}, or pass --over-long-prompts drop (or truncate)")
+        if bad_label:
+            raise UserError(bad_label)
         if not samples:
             dropped = (f" (--over-long-prompts drop left out all {len(self.over_long)}, each over {limit.tokens} "
                        "tokens)" if self.over_long and limit is not None else "")
@@ -286,6 +292,8 @@ class PromptDataset:
         # The chat template already carries the special tokens; adding a BOS on
         # top would make the ids disagree with the text.
         token_ids = self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not token_ids:  # the engines refuse it mid-run, where the row is no longer known
+            raise UserError(f"{location}: '{input_key}' is empty (0 tokens); give the row a prompt or remove it")
         return Sample(index=index, prompt=prompt, prompt_token_ids=list(token_ids), label=row.get(label_key),
                       metadata=metadata)
 
@@ -350,8 +358,12 @@ class PromptDataset:
         self._order = self._epoch_order(self._epoch)
 
 
-def check_prompt_files(args: argparse.Namespace, tokenizer: Any, max_positions: int) -> tuple[list[str], list[str]]:
+def check_prompt_files(args: argparse.Namespace, tokenizer: Any, max_positions: int,
+                       check_label: Callable[[Any], str | None] | None = None) -> tuple[list[str], list[str]]:
     """Build every prompt file's dataset as the rollout will (same rendering, same limits).
+
+    ``check_label(label)`` says what the reward function could not score (e.g. no number for
+    ``--rm-type math``): such a row fails here, at ``file:line``, not in the middle of a rollout.
 
     Returns ``(errors, warnings)``, one line each: the first problem of each file, and what
     ``--over-long-prompts drop|truncate`` did.  A file that does not exist is skipped (the
@@ -368,7 +380,8 @@ def check_prompt_files(args: argparse.Namespace, tokenizer: Any, max_positions: 
             continue
         try:
             dataset = PromptDataset.from_args(args, tokenizer, path=path, eval_set=eval_set,
-                                              max_positions=None if limit.error() else max_positions)
+                                              max_positions=None if limit.error() else max_positions,
+                                              check_label=check_label)
         except UserError as exc:
             errors.append(str(exc))
             continue

@@ -12,7 +12,8 @@ Every engine is constructed as ``cls(**engine_kwargs(args))``, i.e. with
 * ``num_threads``: ``--rollout-num-threads``, default every CPU of the machine;
 * ``merge_adapters``: ``--rollout-merge-lora``, fold the active adapter into the base weights.
 
-An engine that has no use for one of them accepts and ignores it.
+An engine that has no use for one of them accepts and ignores it.  The vLLM engine also gets
+``options``, its :class:`~slime.rollout.vllm_engine.VLLMOptions` from the ``--vllm-*`` flags.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from slime.utils.errors import UserError
 
 ENGINES: dict[str, str] = {
     "hf": "slime.rollout.hf_engine:HFRolloutEngine",
+    "vllm": "slime.rollout.vllm_engine:VLLMRolloutEngine",
 }
 
 
@@ -41,9 +44,23 @@ def engine_class(name: str) -> type:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The constructor arguments of every engine, from slime's flags (see the module docstring)."""
-    return {
+    kwargs: dict[str, Any] = {
         "hf_checkpoint_dir": args.hf_checkpoint,
         "dtype": torch.bfloat16 if args.bf16 else torch.float32,
         "num_threads": args.rollout_num_threads or os.cpu_count(),
         "merge_adapters": args.rollout_merge_lora,
     }
+    if args.rollout_engine == "vllm":
+        kwargs["options"] = vllm_options(args)
+    return kwargs
+
+
+def vllm_options(args: argparse.Namespace) -> Any:
+    """The vLLM engine's options from the ``--vllm-*`` flags (the adapter rank from ``args.lora``)."""
+    from slime.rollout.vllm_engine import VLLMOptions
+
+    return VLLMOptions(
+        python=args.vllm_python, start_timeout_s=args.vllm_start_timeout,
+        request_timeout_s=args.actor_timeout or None, lora_rank=args.lora.r if args.lora else 16,
+        max_loras=args.vllm_max_loras, max_model_len=args.vllm_max_model_len, kv_cache_gib=args.vllm_kv_cache_gib,
+        seed=args.seed, log_dir=args.log_dir, extra_args=shlex.split(args.vllm_extra_args or ""))

@@ -115,6 +115,24 @@ def exact_reward(args: argparse.Namespace, sample: Sample) -> float:
 BUILTIN_REWARDS: dict[str, RawRewardFn] = {"math": math_reward, "exact": exact_reward}
 
 
+def label_problem(args: argparse.Namespace) -> Callable[[Any], str | None] | None:
+    """``check(label)``: why the built-in ``--rm-type`` could not score a prompt with this label, or None;
+    for the start-up checks of every prompt file.  None for ``--custom-rm-path`` (its labels are its own)."""
+    if getattr(args, "custom_rm_path", None) or args.rm_type not in BUILTIN_REWARDS:
+        return None
+    key, rm_type = getattr(args, "label_key", "label"), args.rm_type
+
+    def check(label: Any) -> str | None:
+        if label is None:
+            return (f"no '{key}' field, which --rm-type {rm_type} scores the responses against; set --label-key "
+                    "to the answer field")
+        if rm_type == "math" and extract_final_number(str(label)) is None:
+            return f"label {label!r:.80} holds no number for --rm-type math; fix the label or use --rm-type exact"
+        return None
+
+    return check
+
+
 @dataclass(frozen=True)
 class RewardFn:
     """A resolved reward function that awaits async results and validates every value."""
@@ -136,15 +154,21 @@ class RewardFn:
             raise
         except Exception as exc:
             raise UserError(
-                f"reward function {self.name} raised on sample {sample.index}: {type(exc).__name__}: {exc}"
+                f"reward function {self.name} raised on sample {sample.index}: {type(exc).__name__}: {_one_line(exc)}"
             ) from exc
         # bool is accepted on purpose: `return answer == label` is a fine 0/1 reward.
         if not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise UserError(
-                f"reward function {self.name} returned {value!r} for sample {sample.index}; "
+                f"reward function {self.name} returned {_one_line(repr(value), 120)} for sample {sample.index}; "
                 "it must return a finite number"
             )
         return float(value)
+
+
+def _one_line(value: object, limit: int = 300) -> str:
+    """``str(value)`` (an exception's message) as one line of at most ``limit`` characters."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _import_custom(spec: str) -> RawRewardFn:
@@ -158,7 +182,11 @@ def _import_custom(spec: str) -> RawRewardFn:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise UserError(f"{flag}: cannot import module {target!r} ({exc}); is it on PYTHONPATH?") from exc
+            raise UserError(f"{flag}: cannot import module {target!r} ({_one_line(exc)}); is it on PYTHONPATH?"
+                            ) from exc
+        except Exception as exc:  # the module's own code failing at import time, as for a file below
+            raise UserError(f"{flag}: importing module {target!r} failed: {type(exc).__name__}: {_one_line(exc)}"
+                            ) from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         problem = "is not defined" if fn is None else "is not callable"
@@ -176,7 +204,7 @@ def _load_file_module(path: Path, flag: str) -> Any:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise UserError(f"{flag}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        raise UserError(f"{flag}: importing {path} failed: {type(exc).__name__}: {_one_line(exc)}") from exc
     return module
 
 

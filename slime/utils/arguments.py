@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 
 from slime.utils import allocator
@@ -113,6 +114,8 @@ def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--rollout-num-threads", type=int, default=None, help="torch threads of the built-in engine")
     g.add_argument("--rollout-merge-lora", action=argparse.BooleanOptionalAction, default=True,
                    help="built-in engine: fold the adapter into the base weights while generating (faster)")
+    g.add_argument("--rollout-num-engines", type=int, default=1,
+                   help="rollout engine processes (each its own Ray actor); a rollout's groups are split among them")
     g.add_argument("--rm-type", type=str, default="math", help="math or exact")
     g.add_argument("--custom-rm-path", type=str, default=None, help="module.path:function or file.py:function")
     g.add_argument("--reward-timeout", type=float, default=60.0, metavar="SECONDS",
@@ -132,6 +135,23 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--use-wandb", action="store_true")
     g.add_argument("--wandb-project", type=str, default="slime-lora")
     g.add_argument("--use-tensorboard", action="store_true")
+    return parser
+
+
+def add_vllm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("vLLM rollout engine (--rollout-engine vllm)")
+    g.add_argument("--vllm-python", type=str, default=None, metavar="PATH",
+                   help="python of an environment with vLLM (default: $SLIME_VLLM_PYTHON, else .venv-vllm/bin/python, "
+                        "made by `make setup-vllm`)")
+    g.add_argument("--vllm-start-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="end the run when a vLLM server has not answered /health after this long")
+    g.add_argument("--vllm-max-loras", type=int, default=2,
+                   help="adapters one vLLM batch may hold (2: a new adapter version loads before the old unloads)")
+    g.add_argument("--vllm-max-model-len", type=int, default=None, help="vLLM's --max-model-len (default: the model's)")
+    g.add_argument("--vllm-kv-cache-gib", type=int, default=None,
+                   help="CPU backend: KV-cache GiB (VLLM_CPU_KVCACHE_SPACE; default 1/16 of memory, 1..32)")
+    g.add_argument("--vllm-extra-args", type=str, default=None, metavar="'ARGS'",
+                   help="more flags for vLLM's server, one shell-quoted string (e.g. '--tensor-parallel-size 2')")
     return parser
 
 
@@ -158,7 +178,7 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def add_slime_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for add in (add_cluster_arguments, add_model_arguments, add_training_arguments, add_algorithm_arguments,
-                add_rollout_arguments, add_logging_arguments):
+                add_rollout_arguments, add_vllm_arguments, add_logging_arguments):
         parser = add(parser)
     parser = add_lora_arguments(parser)
     return parser
@@ -173,11 +193,37 @@ def validate_lora_args(args: argparse.Namespace) -> list[str]:
     return config.errors() if config is not None else []
 
 
+def vllm_errors(args: argparse.Namespace) -> list[str]:
+    """What ``--rollout-engine vllm`` cannot do with these flags (whether vLLM is installed: preflight)."""
+    if args.rollout_engine != "vllm":
+        return []
+    errors = []
+    if not args.use_lora:
+        errors.append("--rollout-engine vllm syncs LoRA adapters only (vLLM has no stable API to reload base weights "
+                      "in place): add --use-lora, or use --rollout-engine hf for full-parameter RL")
+    if args.rollout_top_p < 1 or args.rollout_top_k > 0:
+        errors.append("--rollout-engine vllm reports log-probs after top-p/top-k truncation, which the trainer does not "
+                      "reproduce: use --rollout-top-p 1 --rollout-top-k -1, or --rollout-engine hf")
+    if not args.vllm_start_timeout > 0:
+        errors.append(f"--vllm-start-timeout must be > 0 seconds (got {args.vllm_start_timeout})")
+    if args.vllm_kv_cache_gib is not None and args.vllm_kv_cache_gib < 1:
+        errors.append(f"--vllm-kv-cache-gib must be >= 1 (got {args.vllm_kv_cache_gib})")
+    if args.vllm_max_model_len is not None and args.vllm_max_model_len <= args.rollout_max_response_len:
+        errors.append(f"--vllm-max-model-len {args.vllm_max_model_len} leaves no room for a prompt before "
+                      f"--rollout-max-response-len {args.rollout_max_response_len}")
+    try:
+        shlex.split(args.vllm_extra_args or "")
+    except ValueError as exc:
+        errors.append(f"--vllm-extra-args: not a shell-quoted string ({exc})")
+    return errors
+
+
 def validate_args(args: argparse.Namespace) -> list[str]:
     """Every problem with the flags, each one line naming the flag and the fix."""
     errors: list[str] = []
     positive = ["tensor_model_parallel_size", "pipeline_model_parallel_size", "actor_num_nodes", "micro_batch_size",
-                "rollout_batch_size", "rollout_max_response_len", "n_samples_per_prompt", "n_samples_per_eval_prompt"]
+                "rollout_batch_size", "rollout_max_response_len", "n_samples_per_prompt", "n_samples_per_eval_prompt",
+                "rollout_num_engines", "vllm_max_loras"]
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -209,6 +255,7 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if not value >= 0:  # also refuses nan
             errors.append(f"--{name.replace('_', '-')} must be >= 0 seconds (got {value}; 0: no limit)")
+    errors += vllm_errors(args)
     dp_world = (args.actor_num_gpus_per_node or 0) * args.actor_num_nodes
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if args.actor_num_gpus_per_node is not None and dp_world % model_parallel:

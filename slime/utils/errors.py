@@ -26,6 +26,16 @@ class UserError(Exception):
     exit_status: int = EXIT_USER_ERROR  # a subclass may end the process with another status
 
 
+EXIT_RESUMABLE = 3
+
+
+class ResumableFailure(UserError):
+    """Something the run depends on failed (an engine or actor died or hung), not the input:
+    one line, exit status 3; ``train.py`` adds the newest checkpoint and the resume command."""
+
+    exit_status = EXIT_RESUMABLE
+
+
 def raise_collected(errors: Iterable[str]) -> None:
     """Raise one UserError carrying every collected message, if there are any."""
     errors = [e for e in errors if e]

@@ -98,7 +98,7 @@ def test_prompts_are_rendered_as_the_rollout_renders_them(ckpt, tmp_path):
     path = _rows(tmp_path / "p.jsonl", ["7" * 112])
     assert _error(ckpt, path).startswith(f"{path}:1: the prompt is 117 tokens, over the limit of {LIMIT}")
     raw = tmp_path / "raw.jsonl"
-    raw.write_text(json.dumps({"prompt": "7" * 112}) + "\n")
+    raw.write_text(json.dumps({"prompt": "7" * 112, "label": "7"}) + "\n")
     check_run(parse_args(["--hf-checkpoint", str(ckpt), "--prompt-data", str(raw), "--rollout-max-response-len", "12"]))
 
 

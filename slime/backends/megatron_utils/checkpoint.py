@@ -98,8 +98,9 @@ def _file_record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": digest}
 
 
-def _verify_files(iter_dir: Path, records: dict[str, dict], names: Sequence[str]) -> None:
-    """Check ``names`` (relative to ``iter_dir``) against the sizes and hashes recorded at save."""
+def _verify_files(iter_dir: Path, records: dict[str, dict], names: Sequence[str], *, hashes: bool = True) -> None:
+    """Check ``names`` (relative to ``iter_dir``) against the sizes and hashes recorded at save (``hashes=False``:
+    the sizes only, which costs no reading)."""
     for name in names:
         path = iter_dir / name
         expected = records.get(name)
@@ -111,7 +112,7 @@ def _verify_files(iter_dir: Path, records: dict[str, dict], names: Sequence[str]
         size = path.stat().st_size
         if size != expected["bytes"]:
             raise UserError(f"{path}: truncated ({size} of {expected['bytes']} bytes); resume from another checkpoint")
-        if _file_record(path)["sha256"] != expected["sha256"]:
+        if hashes and _file_record(path)["sha256"] != expected["sha256"]:
             raise UserError(f"{path}: corrupt (sha256 differs from {META_FILE}); resume from another checkpoint")
 
 
@@ -220,9 +221,10 @@ def _lora_flags(lora: LoraConfig | None) -> dict | None:
             "lora_use_rslora": lora.use_rslora}
 
 
-def _parallel_layout(args: argparse.Namespace) -> dict:
+def _parallel_layout(args: argparse.Namespace, world_size: int | None = None) -> dict:
     return {"tensor_model_parallel_size": args.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": args.pipeline_model_parallel_size, "world_size": global_world_size()}
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+            "world_size": global_world_size() if world_size is None else world_size}
 
 
 def _jsonable_args(args: argparse.Namespace) -> dict:
@@ -250,8 +252,10 @@ def _manifest_problem(meta: dict) -> str | None:
     return None
 
 
-def _check_compatible(meta: Any, arch: ModelArch, args: argparse.Namespace, path: Path) -> None:
-    """One UserError naming the flag that differs between the saving run and this one."""
+def _check_compatible(meta: Any, arch: ModelArch, args: argparse.Namespace, path: Path,
+                      world_size: int | None = None) -> None:
+    """One UserError naming the flag that differs between the saving run and this one (``world_size``: the
+    run's number of training processes, by default this process group's)."""
     if not isinstance(meta, dict):
         raise UserError(f"{path}: expected a JSON object, found {type(meta).__name__}; the file is corrupt, resume "
                         "from another checkpoint")
@@ -275,7 +279,7 @@ def _check_compatible(meta: Any, arch: ModelArch, args: argparse.Namespace, path
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{path}: checkpoint was saved with {flag} {saved_lora.get(key)!r}, this run has "
                             f"{flag} {lora[key]!r}; resume with {flag} {saved_lora.get(key)!r}")
-    layout, saved = _parallel_layout(args), meta["parallel"]
+    layout, saved = _parallel_layout(args, world_size), meta["parallel"]
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         if saved.get(key) != layout[key]:
             flag = "--" + key.replace("_", "-")
@@ -456,6 +460,34 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable safetensors file ({exc}); resume from another checkpoint") from None
 
 
+def _latest_iter_dir(load_dir: Path) -> tuple[int, Path]:
+    """``(iteration, directory)`` that ``latest_checkpointed_iteration.txt`` names (a killed re-save's old copy
+    when the renamed one is gone); UserError when the file is absent or garbled or the directory is gone."""
+    iteration = read_latest_iteration(load_dir)
+    final, _, replaced = _staging_dirs(load_dir, iteration)
+    iter_dir = final if final.is_dir() or not replaced.is_dir() else replaced
+    if not iter_dir.is_dir():
+        raise UserError(f"{load_dir / LATEST_FILE}: names iteration {iteration} but {final} does not exist; the "
+                        "file or the directory was changed by hand, resume from another checkpoint")
+    return iteration, iter_dir
+
+
+def load_dir_problem(load_dir: str | Path, arch: ModelArch, args: argparse.Namespace, *,
+                     world_size: int) -> str | None:
+    """What :func:`load_checkpoint` would refuse in ``--load load_dir`` before it reads a tensor, or None:
+    the latest-iteration file, the iteration directory, ``checkpoint.json`` and its fit with this run's model,
+    LoRA flags and layout (``world_size`` training processes), and every listed file's presence and size (the
+    trainer checks the sha256).  For the start-up checks, in the driver before Ray starts."""
+    try:
+        _, iter_dir = _latest_iter_dir(Path(load_dir))
+        meta = _read_json(iter_dir / META_FILE)
+        _check_compatible(meta, arch, args, iter_dir / META_FILE, world_size=world_size)
+        _verify_files(iter_dir, meta["files"], sorted(meta["files"]), hashes=False)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 def load_checkpoint(load_dir: str | Path, chunks: Sequence[nn.Module], arch: ModelArch, args: argparse.Namespace,
                     optimizer: TrainOptimizer | None) -> tuple[int, dict]:
     """Restore the newest checkpoint in ``load_dir``; returns ``(iteration, extra_state)``.
@@ -464,11 +496,7 @@ def load_checkpoint(load_dir: str | Path, chunks: Sequence[nn.Module], arch: Mod
     LR-schedule step and all RNG streams, so the next step is the one an uninterrupted run takes.
     """
     load_dir = Path(load_dir)
-    iteration = read_latest_iteration(load_dir)
-    final, _, replaced = _staging_dirs(load_dir, iteration)
-    iter_dir = final if final.is_dir() or not replaced.is_dir() else replaced
-    if not iter_dir.is_dir():
-        raise UserError(f"{load_dir / LATEST_FILE}: names iteration {iteration} but {final} does not exist")
+    iteration, iter_dir = _latest_iter_dir(load_dir)
     meta = _read_json(iter_dir / META_FILE)
     _check_compatible(meta, arch, args, iter_dir / META_FILE)
     kind = _weights_kind(args.lora)

@@ -1,0 +1,75 @@
+"""Runs vLLM's OpenAI server as a child and takes its whole process group down with it.
+
+Executed by the *vLLM* environment's python as a plain script (standard library only; slime
+is not importable there): ``PYTHON vllm_launcher.py VLLM_SERVER_ARGS...``.  It is the leader of
+its own process group (its parent made it one) and is told by the kernel to receive SIGTERM
+when the thread that started it dies.  vLLM's server spawns an engine-core process and
+workers; a server killed hard leaves those running.  So:
+
+* on SIGTERM or SIGINT (the owner stops it, or the owner died): SIGTERM to the group, then
+  SIGKILL to whatever is left after a grace period;
+* when the server exits by itself (a crash, an OOM kill): SIGKILL to the rest of the group,
+  then exit with the server's status (a signal ``n`` as ``128 + n``).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+GRACE_S = 10.0
+
+
+def group_members(pgid):
+    """Pids of the live (not zombie) processes in process group ``pgid``, this one excepted."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def kill_group(pgid, first_signal, grace_s):
+    for pid in group_members(pgid):
+        try:
+            os.kill(pid, first_signal)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in group_members(pgid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def main():
+    pgid = os.getpgrp()
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *sys.argv[1:]])
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        kill_group(pgid, signal.SIGTERM, GRACE_S)
+        server.wait()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = server.wait()
+    kill_group(pgid, signal.SIGKILL, GRACE_S)
+    sys.exit(128 - status if status < 0 else status)
+
+
+if __name__ == "__main__":
+    main()
