@@ -138,13 +138,13 @@ def _adapter_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[st
     if arch is None or not adapter_path or not (Path(adapter_path) / CONFIG_NAME).is_file():
         return []  # no adapter, or reported by _path_errors
     from slime.utils.peft_format import read_peft_adapter
-    from slime_plugins.lora.peft_io import _check_flags, _shape_errors  # the loader's own checks, same messages
+    from slime_plugins.lora.peft_io import check_flags, shape_errors  # the loader's own checks, same messages
 
     try:
         adapter = read_peft_adapter(adapter_path)
-        errors = _shape_errors(adapter, arch)
+        errors = shape_errors(adapter, arch)
         if not errors:
-            _check_flags(adapter, args.lora)
+            check_flags(adapter, args.lora)
     except UserError as exc:
         return [str(exc)]
     return [errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)"] if errors else []

@@ -12,6 +12,7 @@ workers; a server killed hard leaves those running.  So:
   then exit with the server's status (a signal ``n`` as ``128 + n``).
 """
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -53,9 +54,19 @@ def kill_group(pgid, first_signal, grace_s):
             pass
 
 
+def _sigterm_when_parent_dies():
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def main():
     pgid = os.getpgrp()
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *sys.argv[1:]])
+    # If this launcher is SIGKILLed (Ray kills a dying worker's children so), the kernel sends the
+    # server SIGTERM, on which vLLM shuts its engine core down itself.
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *sys.argv[1:]],
+                              preexec_fn=_sigterm_when_parent_dies)
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

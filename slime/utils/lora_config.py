@@ -78,13 +78,23 @@ def rank_errors(r: int, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
             f"use --lora-r <= {min(over.values())}"]
 
 
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite: no nan, no inf, no int beyond any float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 def hparam_errors(r: object, alpha: object, dropout: object) -> list[str]:
     """Every problem with the scalar hyper-parameters, one message each, naming the flag."""
     errors = []
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         errors.append(f"--lora-r must be an integer >= 1 (got {r!r})")
-    if not (isinstance(alpha, (int, float)) and alpha > 0):
-        errors.append(f"--lora-alpha must be > 0 (got {alpha!r})")
+    if not (is_finite_number(alpha) and alpha > 0):
+        errors.append(f"--lora-alpha must be a finite number > 0 (got {alpha!r})")
     if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
         errors.append(f"--lora-dropout must be in [0, 1) (got {dropout!r})")
     return errors

@@ -12,7 +12,6 @@ read; the trainer's export/import (``slime_plugins.lora.peft_io``), the rollout 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import save_file
 
 from slime.utils.atomic import write_dir_atomically
 from slime.utils.errors import UserError, read_json_file
-from slime.utils.lora_config import lora_scaling
+from slime.utils.lora_config import is_finite_number, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -86,12 +85,7 @@ def _is_rank(value: object) -> bool:
 
 
 def _is_alpha(value: object) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int beyond any float
-        return False
+    return is_finite_number(value)
 
 
 def validate_adapter_config(config: object, where: str | Path) -> dict:
