@@ -206,7 +206,7 @@ class _Plan:
         return self.a.shape[0]
 
 
-def _check_flags(adapter: PeftAdapter, lora: LoraConfig) -> None:
+def check_flags(adapter: PeftAdapter, lora: LoraConfig) -> None:
     config, where = adapter.config, adapter.path / CONFIG_NAME
     if config["r"] != lora.r:
         raise UserError(f"{where}: r={config['r']} but --lora-r {lora.r}; pass --lora-r {config['r']}")
@@ -244,7 +244,7 @@ def _plan(target: _Target, adapter: PeftAdapter, arch: ModelArch) -> _Plan:
     return _Plan(target, a_full.float(), megatron_from_hf(target.module, b_parts, arch))
 
 
-def _shape_errors(adapter: PeftAdapter, arch: ModelArch) -> list[str]:
+def shape_errors(adapter: PeftAdapter, arch: ModelArch) -> list[str]:
     """Adapter modules whose ``B A`` is not the shape of the model's weight of that name: the
     signature of an adapter trained on another base model (checked before anything else)."""
     shapes = hf_param_shapes(arch)
@@ -299,9 +299,9 @@ def load_peft_adapter(chunks: Sequence[nn.Module], arch: ModelArch, path: str | 
     adapter = read_peft_adapter(path)
     targets = _targets(chunks)
     local_layers = {layer for chunk in chunks for layer in global_layer_indices(unwrap_model(chunk)).values()}
-    errors = _shape_errors(adapter, arch)
+    errors = shape_errors(adapter, arch)
     if not errors:
-        _check_flags(adapter, config)
+        check_flags(adapter, config)
         errors = _unknown_module_errors(adapter, targets, arch, local_layers)
     if errors:
         raise UserError(errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)")
