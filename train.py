@@ -1,4 +1,4 @@
-"""RL post-training, slime style: rollout -> train -> save -> sync -> evaluate, on Ray actors.
+"""RL post-training, slime style: rollout -> train -> sync -> evaluate -> log -> save, on Ray actors.
 
     python train.py --hf-checkpoint DIR --prompt-data train.jsonl --use-lora --lora-r 16 ...
 
@@ -23,6 +23,7 @@ from slime.ray.placement_group import (
 from slime.utils.allocator import active_allocator
 from slime.utils.arguments import parse_args
 from slime.utils.errors import run_main
+from slime.utils.failpoints import failpoint
 from slime.utils.memory import PeakMemoryTracker
 from slime.utils.metrics import MetricsLogger, Progress, format_line
 from slime.utils.run_summary import summarize
@@ -61,12 +62,13 @@ def train(args) -> dict:
             step_start = time.time()
             with Progress(f"rollout {rollout_id}", total=3, unit="phase") as progress:
                 batch, metrics = rollout_manager.generate(rollout_id)
+                failpoint("driver.after_generate")
                 progress.update()
                 metrics |= actor_model.train(rollout_id, batch)
+                failpoint("driver.after_train")
                 progress.update()
-                if should_save(args, rollout_id, num_rollout):
-                    actor_model.save(rollout_id, rollout_manager.state_dict())
                 metrics |= actor_model.update_weights(rollout_manager)
+                failpoint("driver.after_sync")
                 if should_eval(args, rollout_id, num_rollout):
                     metrics |= rollout_manager.eval(rollout_id)
                 progress.update()
@@ -75,6 +77,12 @@ def train(args) -> dict:
             history.append((rollout_id, metrics))
             logger.log(rollout_id, metrics)
             print(format_line(rollout_id, metrics), flush=True)
+            # Saved after the rollout's row is logged: a run killed in between redoes the rollout and logs it
+            # again (a resumed logger drops the rows from its resume point on). Saved before, a kill right after
+            # the save would resume past a rollout whose row was never written.
+            if should_save(args, rollout_id, num_rollout):
+                actor_model.save(rollout_id, rollout_manager.state_dict())
+                failpoint("driver.after_save")
         logger.close()
     memory.stop()
     lines = summarize(args, history, time.time() - wall_start, memory.summary())

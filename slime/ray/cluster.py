@@ -30,6 +30,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from slime.utils.atomic import write_json_atomically
 from slime.utils.errors import UserError
+from slime.utils.failpoints import ENV as FAILPOINT_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Ray writes an auth token under ~ unless token authentication is off.
@@ -44,9 +45,13 @@ _KILL_WAIT_S = 10.0
 
 
 def worker_runtime_env() -> dict:
-    """Runtime env that lets workers ``import slime``: the repo root on PYTHONPATH."""
+    """Runtime env that lets workers ``import slime``: the repo root on PYTHONPATH (and a test's
+    ``SLIME_FAILPOINT``, also to workers of a cluster this driver joined: see :mod:`slime.utils.failpoints`)."""
     paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    if os.environ.get(FAILPOINT_ENV):
+        env[FAILPOINT_ENV] = os.environ[FAILPOINT_ENV]
+    return {"env_vars": env}
 
 
 @contextmanager

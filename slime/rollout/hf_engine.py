@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Gene
 
 from slime.rollout.engine import POLICY_ADAPTER, GenerateOutput, LoraNames, SamplingParams, WeightUpdate
 from slime.utils.errors import UserError
+from slime.utils.failpoints import failpoint
 from slime.utils.peft_format import PEFT_KEY_PREFIX, read_peft_adapter, validate_adapter_config
 
 # The LoraConfig fields that fix which modules get adapters, their shapes and the
@@ -97,6 +98,7 @@ class HFRolloutEngine:
         lora_names: LoraNames = None,
     ) -> list[GenerateOutput]:
         """See :meth:`slime.rollout.engine.RolloutEngine.generate` (incl. the log-prob contract)."""
+        failpoint("engine.generate")
         names = self._per_request_names(lora_names, len(prompt_token_ids))
         self._check_prompts(prompt_token_ids)
         stop_ids = self.eos_token_ids if params.stop_token_ids is None else list(params.stop_token_ids)
@@ -289,6 +291,7 @@ class HFRolloutEngine:
 
     def apply_update(self, payload: WeightUpdate) -> dict:
         """See :meth:`slime.rollout.engine.RolloutEngine.apply_update`."""
+        failpoint("engine.apply_update")
         start = time.time()
         tensors, config = payload
         if config is not None:

@@ -32,6 +32,7 @@ from slime.backends.megatron_utils.packing import (
 from slime.backends.megatron_utils.parallel import gather_vocab
 from slime.rollout.batch import RolloutBatch
 from slime.utils.errors import UserError
+from slime.utils.failpoints import failpoint
 
 
 class Totals:
@@ -117,6 +118,8 @@ class MegatronTrainRayActor:
         Step ``s`` trains samples ``[s N / steps, (s + 1) N / steps)``, split over DP ranks by whole
         groups.  Before any update, the trainer's log-probs are compared with the rollout engine's.
         """
+        if self.rank == 0:
+            failpoint("trainer.train")
         args = self.args
         start = time.time()
         for chunk in self.model:

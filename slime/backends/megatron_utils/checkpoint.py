@@ -48,6 +48,7 @@ from slime.backends.megatron_utils.optimizer import TrainOptimizer
 from slime.backends.megatron_utils.parallel import barrier, global_rank, global_world_size, unwrap_model
 from slime.utils.atomic import fsync_path, write_file_atomically, write_json_atomically, write_text_atomically
 from slime.utils.errors import UserError, read_json_file
+from slime.utils.failpoints import failpoint
 from slime.utils.lora_config import LoraConfig
 
 FORMAT = "slime-checkpoint"
@@ -411,6 +412,8 @@ def save_checkpoint(save_dir: str | Path, iteration: int, chunks: Sequence[nn.Mo
     final, staging, _ = _staging_dirs(save_dir, iteration)
     _save_trainer_state(staging / STATE_DIR, chunks, optimizer, extra_state)
     _stage_done("trainer_state")
+    if global_rank() == 0:
+        failpoint("trainer.save.mid")  # staging holds the trainer state, not yet the weights or the manifest
     _save_weights(staging / kind, chunks, arch, args)
     _stage_done("weights")
     barrier()  # every rank's files are in staging before rank 0 lists and renames them
@@ -418,6 +421,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, chunks: Sequence[nn.Mo
         write_json_atomically(staging / STATE_DIR / "args.json", _jsonable_args(args), indent=1)
         write_json_atomically(staging / META_FILE, _describe(staging, iteration, arch, args), indent=1)
         _stage_done("manifest")
+        failpoint("trainer.save.unpublished")  # complete under its staging name, not yet renamed
         _publish(save_dir, iteration, kind)
     barrier()
     return final
