@@ -170,6 +170,18 @@ def test_parallel_run_equals_single_process_at_every_rollout(setup, single_proce
         assert parallel[i]["train/rollout_logprob_abs_diff"] <= PARALLEL_ENGINE_GAP, (i, parallel[i])
 
 
+def test_two_engines_share_each_rollout_and_both_get_every_adapter(setup, single_process_run, tmp_path):
+    """--rollout-num-engines 2: each engine samples half of every rollout's groups; both receive each
+    step's adapter (twice the sync bytes), so every sample's log-probs match the trainer's."""
+    ckpt, prompts, _ = setup
+    two = parallel_metrics(tmp_path, ckpt, prompts, "--rollout-num-engines", 2)
+    assert sorted(two) == [0, 1, 2]
+    for i in range(3):
+        assert two[i]["sync/bytes"] == 2 * single_process_run[i]["sync/bytes"] > 0, (i, two[i])
+        assert two[i]["sync/tensors"] == 2 * single_process_run[i]["sync/tensors"], (i, two[i])
+        assert two[i]["train/rollout_logprob_abs_diff"] <= PARALLEL_ENGINE_GAP, (i, two[i])
+
+
 def run_train_with_perturbed_engine(*flags, timeout=600):
     """``train.py FLAGS`` whose rollout engine adds noise to every adapter B it receives (see
     ``tests/_support/perturbed_engine.py``): it samples from another policy than the trainer's."""
