@@ -9,7 +9,12 @@ workers; a server killed hard leaves those running.  So:
 * on SIGTERM or SIGINT (the owner stops it, or the owner died): SIGTERM to the group, then
   SIGKILL to whatever is left after a grace period;
 * when the server exits by itself (a crash, an OOM kill): SIGKILL to the rest of the group,
-  then exit with the server's status (a signal ``n`` as ``128 + n``).
+  then exit with the server's status (a signal ``n`` as ``128 + n``);
+* when this launcher is killed outright (Ray SIGKILLs a dying worker's children): a reaper
+  process, forked first into a session of its own and holding the read end of a pipe only the
+  launcher writes to, sees the pipe close and ends the group (SIGTERM, then SIGKILL).  The
+  server also gets SIGTERM from the kernel then (``PR_SET_PDEATHSIG``), but vLLM ignores it
+  while it is still starting up.
 """
 
 import ctypes
@@ -61,8 +66,23 @@ def _sigterm_when_parent_dies():
         pass
 
 
+def start_reaper(pgid):
+    """Fork the reaper; returns in the launcher only (which keeps the pipe's write end open)."""
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        os.close(write_end)
+        while os.read(read_end, 1):
+            pass
+        kill_group(pgid, signal.SIGTERM, GRACE_S)
+        os._exit(0)
+    os.close(read_end)
+    return write_end
+
+
 def main():
     pgid = os.getpgrp()
+    start_reaper(pgid)
     # If this launcher is SIGKILLed (Ray kills a dying worker's children so), the kernel sends the
     # server SIGTERM, on which vLLM shuts its engine core down itself.
     server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *sys.argv[1:]],

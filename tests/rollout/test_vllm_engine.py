@@ -203,3 +203,28 @@ def test_groups_of_identical_prompts_become_one_request():
     prompts = [[1, 2], [1, 2], [1, 2], [3], [3], [1, 2]]
     assert _runs(prompts, [None] * 6) == [(0, 3), (3, 2), (5, 1)]
     assert _runs(prompts, [None, None, "a", "a", "a", "a"]) == [(0, 2), (2, 1), (3, 2), (5, 1)]
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_a_launcher_killed_while_vllm_starts_leaves_no_vllm_process(base, tmp_path):
+    """Ray SIGKILLs a dying actor's children: the launcher can die while vLLM is still starting (when
+    vLLM ignores SIGTERM); its reaper then ends the whole process group within the grace period."""
+    import psutil
+
+    from slime.rollout.vllm_server import VLLMLaunch, VLLMServer
+
+    server = VLLMServer(VLLMLaunch(model=base, python=find_vllm_python(None), max_model_len=256, kv_cache_gib=1),
+                        tmp_path / "vllm.log")
+    try:
+        deadline = time.monotonic() + 60
+        while len(psutil.Process(server.pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the API server has started its engine core: vLLM is mid start-up
+        assert len(psutil.Process(server.pid).children(recursive=True)) >= 2
+        os.kill(server.pid, 9)
+        deadline = time.monotonic() + 30
+        while group_members(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert group_members(server.pid) == [], (tmp_path / "vllm.log").read_text()[-2000:]
+    finally:
+        server.stop()
