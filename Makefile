@@ -49,8 +49,9 @@ test-fast: setup
 test-numerics: setup
 	$(PY) tools/test_numerics.py
 
+# Every benchmark in one invocation, one table of ratios, written with date and machine to docs/bench.md.
 bench: setup
-	$(PY) benchmarks/lora_vs_full.py
+	$(PY) benchmarks/summary.py --out docs/bench.md
 
 clean:
 	rm -rf .venv .venv-vllm build *.egg-info
