@@ -27,7 +27,7 @@ import time
 GRACE_S = 10.0
 
 
-def group_members(pgid):
+def group_members(pgid: int) -> list[int]:
     """Pids of the live (not zombie) processes in process group ``pgid``, this one excepted."""
     members = []
     for entry in os.listdir("/proc"):
@@ -43,7 +43,7 @@ def group_members(pgid):
     return members
 
 
-def kill_group(pgid, first_signal, grace_s):
+def kill_group(pgid: int, first_signal: int, grace_s: float) -> None:
     for pid in group_members(pgid):
         try:
             os.kill(pid, first_signal)
@@ -66,7 +66,7 @@ def _sigterm_when_parent_dies():
         pass
 
 
-def start_reaper(pgid):
+def start_reaper(pgid: int) -> int:
     """Fork the reaper; returns in the launcher only (which keeps the pipe's write end open)."""
     read_end, write_end = os.pipe()
     if os.fork() == 0:

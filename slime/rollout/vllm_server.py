@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slime.rollout.vllm_launcher import group_members  # stdlib-only: vLLM's python runs that file
 from slime.utils.errors import ResumableFailure, UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -262,22 +263,6 @@ class VLLMServer:
         if status != 200:
             raise VLLMError(f"vLLM refused POST {path} ({status}): {str(reply)[:500]}")
         return reply
-
-
-def group_members(pgid: int) -> list[int]:
-    """Pids of the live (not zombie) processes of process group ``pgid``."""
-    members = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
-            members.append(int(entry))
-    return members
 
 
 def _signal_group(pid: int, sig: int) -> None:
