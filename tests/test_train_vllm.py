@@ -53,46 +53,25 @@ def server_pid(stdout: str) -> int:
     return int(found[0][1])
 
 
-def test_three_rollouts_sync_versioned_adapters_and_leave_nothing_behind(setup, tmp_path):
-    """Every step's adapter reaches vLLM under a new version (the old one is unloaded), the log-prob
-    gap stays under --check-logprob-gap's fp32 default every step, the policy gets gradient signal,
-    and the vLLM server with its whole process group is gone when the run ends."""
-    proc = subprocess.run(argv(setup, tmp_path, "--num-rollout", 3, "--eval-prompt-data", "arith",
-                               setup[1] / "eval.jsonl", "--eval-interval", 3, "--eval-max-response-len", 24),
-                          cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    pid = server_pid(proc.stdout)
-    assert "--lora-r 12 is served with --max-lora-rank 16" in proc.stdout
-    metrics = [r for r in rows(tmp_path / "logs") if r["rollout_id"] >= 0]
-    assert [r["sync/adapter_version"] for r in metrics] == [2, 3, 4]  # v1: the sync before rollout 0
-    for r in metrics:
-        assert r["train/rollout_logprob_abs_diff"] < 1e-3, r
-        assert r["sync/bytes"] > 0 and r["train/grad_norm"] > 0, r
-    assert min(r["rollout/zero_std_groups"] for r in metrics) < 1  # some group had rewards to learn from
-    log = next((tmp_path / "logs").glob("vllm-engine-*.log")).read_text()
-    for version in (1, 2, 3, 4):
-        assert f"Loaded new LoRA adapter: name 'policy-v{version}'" in log
-    for version in (1, 2, 3):
-        assert f"Removed LoRA adapter: name 'policy-v{version}'" in log
-    assert not Path(f"/proc/{pid}").exists() and group_members(pid) == []
+def test_rollouts_on_vllm_sync_versions_and_a_killed_server_ends_the_run_resumably(setup, tmp_path):
+    """One run, three rollouts, then vLLM's API server is SIGKILLed (after the third checkpoint):
 
-
-def test_a_killed_vllm_ends_the_run_with_one_line_and_the_checkpoint_resumes(setup, tmp_path):
-    """SIGKILL of vLLM's API server after the first checkpoint: the run ends within the bounded wait,
-    exit status 3, one stderr line naming the vLLM server, the newest checkpoint and the --load
-    command, no traceback, no vLLM process left; the checkpoint then loads (built-in engine)."""
+    * every step's adapter reached vLLM under a new version and the old one was unloaded; the
+      log-prob gap stayed under --check-logprob-gap's fp32 default at every step; the policy got
+      gradient signal;
+    * the kill ends the run within the bounded wait: exit status 3, one stderr line naming the vLLM
+      server, the newest checkpoint and the --load command, no traceback, no vLLM process left;
+    * the checkpoint resumes (with the built-in engine) at the next rollout."""
     import psutil
 
-    save = tmp_path / "save"
+    save, logs = tmp_path / "save", tmp_path / "logs"
     command = argv(setup, tmp_path, "--num-rollout", 200, "--save", save, "--save-interval", 1)
     with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, start_new_session=True,
                                 env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
-        deadline = time.time() + 1200
-        while proc.poll() is None and not (save / "latest_checkpointed_iteration.txt").exists() \
-                and time.time() < deadline:
+        deadline = time.time() + 1800
+        while proc.poll() is None and not (save / "iter_0000002").exists() and time.time() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
         launcher = server_pid((tmp_path / "stdout").read_text())
@@ -104,7 +83,20 @@ def test_a_killed_vllm_ends_the_run_with_one_line_and_the_checkpoint_resumes(set
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    stderr = (tmp_path / "stderr").read_text()
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert "--lora-r 12 is served with --max-lora-rank 16" in stdout
+    metrics = [r for r in rows(logs) if r["rollout_id"] in (0, 1, 2)]
+    assert [r["sync/adapter_version"] for r in metrics] == [2, 3, 4]  # v1: the sync before rollout 0
+    for r in metrics:
+        assert r["train/rollout_logprob_abs_diff"] < 1e-3, r
+        assert r["sync/bytes"] > 0 and r["train/grad_norm"] > 0, r
+    assert min(r["rollout/zero_std_groups"] for r in metrics) < 1  # some group had rewards to learn from
+    log = next(logs.glob("vllm-engine-*.log")).read_text()
+    for version in (1, 2, 3, 4):
+        assert f"Loaded new LoRA adapter: name 'policy-v{version}'" in log
+    for version in (1, 2, 3):
+        assert f"Removed LoRA adapter: name 'policy-v{version}'" in log
+
     assert proc.returncode == 3, stderr[-3000:]
     assert ended_after < 120, ended_after
     assert "Traceback" not in stderr, stderr[-5000:]
@@ -112,7 +104,9 @@ def test_a_killed_vllm_ends_the_run_with_one_line_and_the_checkpoint_resumes(set
     assert last.startswith("error: the vLLM server (pid ") and "exited with status" in last, last
     assert "; newest checkpoint: " in last and "; resume with: " in last and last.count("--load") == 1, last
     assert group_members(launcher) == []
+
     iteration = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert iteration >= 2
     resumed = subprocess.run(argv(setup, tmp_path / "resumed", "--num-rollout", iteration + 2, "--load", save,
                                   engine="hf"), cwd=ROOT, capture_output=True, text=True, timeout=900,
                              env={**os.environ, "RAY_AUTH_MODE": "disabled"})

@@ -88,17 +88,22 @@ def main():
     server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *sys.argv[1:]],
                               preexec_fn=_sigterm_when_parent_dies)
 
+    stopped_by = []
+
     def stop(signum, frame):
+        # Runs inside the main thread's server.wait(): waiting here again would deadlock on Popen's
+        # (non-reentrant) wait lock; that wait returns once kill_group has ended the server.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stopped_by.append(signum)
         kill_group(pgid, signal.SIGTERM, GRACE_S)
-        server.wait()
-        sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     status = server.wait()
     kill_group(pgid, signal.SIGKILL, GRACE_S)
+    if stopped_by:
+        sys.exit(128 + stopped_by[0])
     sys.exit(128 - status if status < 0 else status)
 
 
