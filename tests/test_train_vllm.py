@@ -75,7 +75,8 @@ def test_rollouts_on_vllm_sync_versions_and_a_killed_server_ends_the_run_resumab
             time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
         launcher = server_pid((tmp_path / "stdout").read_text())
-        psutil.Process(launcher).children()[0].kill()  # the API server; the launcher takes the rest down
+        server = next(p for p in psutil.Process(launcher).children() if "vllm.entrypoints.openai" in " ".join(p.cmdline()))
+        server.kill()  # the API server (the launcher's other child is its reaper); the launcher takes the rest down
         killed_at = time.time()
         proc.wait(timeout=300)
         ended_after = time.time() - killed_at

@@ -24,6 +24,7 @@ def _worker(rank, world_size, tp, pp, port, fn, args, queue):
         import torch
 
         torch.set_num_threads(1)
+        mp.set_sharing_strategy("file_system")  # the sender picks how tensors travel (see run_distributed)
         from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
 
         init_parallel(rank, world_size, tensor_parallel=tp, pipeline_parallel=pp, master_port=port)
@@ -35,6 +36,9 @@ def _worker(rank, world_size, tp, pp, port, fn, args, queue):
 
 
 def run_distributed(fn, world_size: int, *, tp: int | None = None, pp: int = 1, args: tuple = (), timeout: float = 300):
+    # Tensors in results travel as shared-memory files, not as file descriptors that vanish when the
+    # worker exits before the parent has unpickled them (a FileNotFoundError race).
+    mp.set_sharing_strategy("file_system")
     tp = world_size if tp is None else tp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -71,6 +71,13 @@ def engine(base, tmp_path_factory):
     assert group_members(server.pid) == [], "a process of the vLLM server's group outlived shutdown"
 
 
+def api_server(launcher: int):
+    """vLLM's API server: the launcher's child running the OpenAI entry point (the other is the reaper)."""
+    import psutil
+
+    return next(p for p in psutil.Process(launcher).children() if "vllm.entrypoints.openai" in " ".join(p.cmdline()))
+
+
 def _peft_logprobs(base: str, adapter: Path | None, prompt: list[int], response: list[int], temperature: float):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -126,7 +133,8 @@ def test_versions_replace_each_other_and_old_ones_are_unloaded(engine, adapters)
 @needs_vllm
 def test_groups_share_a_request_seeds_reproduce_and_stop_tokens_end_outputs(engine, prompts):
     """The n samples of one prompt differ; the same seed repeats a call exactly; a stop token ends its
-    output and is part of it; greedy calls report T = 1 log-probs and repeat exactly."""
+    output and is part of it.  (Greedy calls are not compared across calls: vLLM's batching can
+    flip a near-tie.)"""
     group = [prompts[0]] * 4 + [prompts[1]] * 4
     params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=11, stop_token_ids=[])
     first, again = engine.generate(group, params), engine.generate(group, params)
@@ -134,7 +142,6 @@ def test_groups_share_a_request_seeds_reproduce_and_stop_tokens_end_outputs(engi
     assert len({tuple(o.token_ids) for o in first[:4]}) > 1
     greedy = SamplingParams(max_new_tokens=24, temperature=0.0)
     outs = engine.generate(prompts, greedy, [None, None, None, None])
-    assert outs == engine.generate(prompts, greedy)
     stopped = [o for o in outs if o.finish_reason == "stop"]
     assert stopped and all(o.token_ids[-1] == 2 for o in stopped)  # SmolLM2's <|im_end|>
     stop_at = outs[0].token_ids[2]
@@ -164,8 +171,8 @@ def test_a_dead_server_is_one_line_naming_it_and_its_log(base, tmp_path):
                                                                     log_dir=str(tmp_path)))
     try:
         family = psutil.Process(eng.server.pid).children(recursive=True)
-        assert len(family) >= 2, family  # the API server, its engine core (and workers)
-        family[0].kill()
+        assert len(family) >= 3, family  # the reaper, the API server, its engine core (and workers)
+        api_server(eng.server.pid).kill()
         eng.server.process.wait(30)
         assert group_members(eng.server.pid) == []
         start = time.monotonic()
