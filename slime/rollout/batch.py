@@ -55,7 +55,9 @@ class RolloutBatch:
     * ``prompt_lens[i]``: ``P_i``, so the response is ``tokens[i][P_i:]``;
     * ``rollout_logprobs[i]``: ``[L_i]``, the engine's ``log_softmax(logits / T)`` of each response token;
     * ``advantages[i]``: one float, shared by every response token of the sample;
-    * ``group_ids[i]``: the index of the sample's prompt group within the rollout.
+    * ``group_ids[i]``: the index of the sample's prompt group within the rollout;
+    * ``tasks[i]`` (``--lora-tasks`` runs only, else ``None``): the task, i.e. the adapter that
+      sampled it and trains on it.  A prompt group belongs to one task.
 
     A prompt group is a run of consecutive samples with the same prompt: the trainer packs it
     into one row (``slime.backends.megatron_utils.packing``) and hands whole groups to the
@@ -69,34 +71,49 @@ class RolloutBatch:
     rollout_logprobs: list[list[float]]
     advantages: list[float]
     group_ids: list[int]
+    tasks: list[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
         sizes = [len(self.prompt_lens), len(self.rollout_logprobs), len(self.advantages), len(self.group_ids)]
+        if self.tasks is not None:
+            sizes.append(len(self.tasks))
         if any(size != n for size in sizes):
             raise ValueError(f"RolloutBatch: {n} token lists but {sizes} prompt_lens, rollout_logprobs, "
-                             "advantages, group_ids")
+                             "advantages, group_ids(, tasks)")
         closed: set[int] = set()
         for i in range(1, n):
             if self.group_ids[i] == self.group_ids[i - 1]:
-                if self.prompt(i) != self.prompt(i - 1):
+                if self.prompt(i) != self.prompt(i - 1) or self.tasks and self.tasks[i] != self.tasks[i - 1]:
                     raise ValueError(f"RolloutBatch: samples {i - 1} and {i} share group {self.group_ids[i]} "
-                                     "but not their prompt")
+                                     "but not their prompt (or task)")
             else:
                 closed.add(self.group_ids[i - 1])
                 if self.group_ids[i] in closed:
                     raise ValueError(f"RolloutBatch: group {self.group_ids[i]} is not consecutive (sample {i})")
 
     @classmethod
-    def from_samples(cls, samples: Sequence[Sample], advantages: list[float]) -> RolloutBatch:
-        """Rolled-out ``samples`` (response and ``group_index`` set) with one advantage each."""
+    def from_samples(cls, samples: Sequence[Sample], advantages: list[float],
+                     tasks: list[str] | None = None) -> RolloutBatch:
+        """Rolled-out ``samples`` (response and ``group_index`` set) with one advantage each (and one task each)."""
         return cls(
             tokens=[s.prompt_token_ids + s.response_token_ids for s in samples],
             prompt_lens=[len(s.prompt_token_ids) for s in samples],
             rollout_logprobs=[s.rollout_logprobs for s in samples],
             advantages=advantages,
             group_ids=[s.group_index for s in samples],
+            tasks=tasks,
         )
+
+    def select(self, rows: Sequence[int]) -> RolloutBatch:
+        """The samples ``rows`` (in that order) as a batch of their own, groups and tasks kept."""
+        pick = lambda values: [values[i] for i in rows]  # noqa: E731
+        return RolloutBatch(pick(self.tokens), pick(self.prompt_lens), pick(self.rollout_logprobs),
+                            pick(self.advantages), pick(self.group_ids), pick(self.tasks) if self.tasks else None)
+
+    def task_batch(self, task: str) -> RolloutBatch:
+        """The samples of ``task``, in rollout order (empty when it has none)."""
+        return self.select([i for i, t in enumerate(self.tasks or []) if t == task])
 
     def __len__(self) -> int:
         return len(self.tokens)

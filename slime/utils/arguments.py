@@ -14,6 +14,7 @@ import sys
 from slime.utils import allocator
 from slime.utils.errors import EXIT_USER_ERROR, UserError
 from slime.utils.lora_config import ALL_LINEAR, LoraConfig
+from slime.utils.tasks import load_tasks, read_tasks
 
 
 class _Parser(argparse.ArgumentParser):
@@ -170,6 +171,10 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--lora-use-rslora", action="store_true", help="scaling alpha / sqrt(r) (rank-stabilised LoRA)")
     g.add_argument("--lora-verbose", action="store_true", help="log every wrapped module, not only the first layer's")
     g.add_argument("--lora-adapter-path", type=str, default=None, help="start from this PEFT adapter directory")
+    g.add_argument("--lora-tasks", type=str, default=None, metavar="FILE",
+                   help="train one adapter per task on one base, in one run: a YAML or JSON list of tasks (name, "
+                        "prompt_data, rm_type or custom_rm_path, optional eval_prompt_data, lr, r, lora_alpha); "
+                        "see docs/multitask.md")
     g.add_argument("--lora-recompute-input", action="store_true",
                    help="keep no adapter input for backward: recompute it from the norm/SwiGLU that made it "
                         "(less activation memory, one elementwise pass more per layer)")
@@ -329,9 +334,10 @@ def _cluster_errors(args: argparse.Namespace) -> list[str]:
 
 
 def validate_args(args: argparse.Namespace) -> list[str]:
-    """Every problem with the flags, each one line naming the flag and the fix."""
+    """Every problem with the flags (and the --lora-tasks file), each one line naming the flag and the fix."""
     return [*_count_errors(args), *_optimizer_errors(args), *_algorithm_errors(args), *_rollout_errors(args),
-            *_dependency_errors(args), *vllm_errors(args), *_cluster_errors(args), *validate_lora_args(args)]
+            *_dependency_errors(args), *vllm_errors(args), *_cluster_errors(args), *validate_lora_args(args),
+            *read_tasks(args)[1]]
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -352,6 +358,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.num_rollout is None and args.num_epoch is None:
         args.num_rollout = 1
     args.lora = LoraConfig.from_args(args)  # what the trainer, PEFT I/O and checkpoints read
+    args.tasks = load_tasks(args)  # [] without --lora-tasks
     return args
 
 

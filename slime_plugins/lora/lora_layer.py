@@ -38,6 +38,9 @@ from slime.backends.megatron_utils.parallel import group_rank_size
 from slime.utils.lora_config import hparam_errors, lora_scaling, rank_errors, resolve_targets, target_matches
 from slime_plugins.lora.input_recompute import down_project
 
+DEFAULT_ADAPTER = "default"
+
+
 def _parallel_kind(layer: nn.Module) -> str:
     """'plain' for nn.Linear, 'column' / 'row' for Megatron's parallel linears."""
     if isinstance(layer, nn.Linear):
@@ -78,13 +81,33 @@ def _module_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class LoRALinear(nn.Module):
-    """A linear layer plus a trainable low-rank update; see the module docstring for the math.
+class LoRAWeights(nn.Module):
+    """One adapter of a :class:`LoRALinear`: ``lora_A [r, in_local]``, ``lora_B [out_local, r]`` and
+    its scaling ``s``."""
 
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_alpha: float, scaling: float) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(lora_A)
+        self.lora_B = nn.Parameter(lora_B)
+        self.r = lora_A.shape[0]
+        self.lora_alpha = lora_alpha
+        self.scaling = scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}"
+
+
+class LoRALinear(nn.Module):
+    """A linear layer plus trainable low-rank updates; see the module docstring for the math.
+
+    Like peft, one base layer holds a name-keyed set of adapters (``adapters``, one
+    :class:`LoRAWeights` each; ``default`` in a one-task run); the ``active`` one is applied.
+    ``lora_A``, ``lora_B``, ``r`` and ``scaling`` are the active adapter's.
     ``forward`` returns what the base returns: a tensor for ``nn.Linear``, the
     ``(output, bias)`` tuple for Megatron's parallel linears (bias passed through).
-    State: ``merged`` (delta folded into ``W``) and ``disabled`` (delta skipped) are changed
-    only by :meth:`merge`, :meth:`unmerge` and :func:`disable_adapters`.
+    State: ``merged`` (the active delta folded into ``W``), ``disabled`` (every delta skipped) and
+    ``active`` are changed only by :meth:`merge`, :meth:`unmerge`, :func:`disable_adapters` and
+    :func:`use_adapter`.
     """
 
     def __init__(
@@ -97,6 +120,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         init_seed: int = 0,
         name: str = "",
+        adapter: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
         self.kind = _parallel_kind(base_layer)
@@ -108,24 +132,69 @@ class LoRALinear(nn.Module):
         if self.kind == "row" and not getattr(base_layer, "input_is_parallel", True):
             raise ValueError(f"LoRA target {name}: row-parallel layers need input_is_parallel=True")
         self.base_layer = base_layer
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.scaling = lora_scaling(lora_alpha, r, use_rslora)
+        self.name = name
         self.use_rslora = use_rslora
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.sequence_parallel = bool(getattr(base_layer, "sequence_parallel", False))
+        self.adapters = nn.ModuleDict()
+        self.active = adapter
         self.merged = False
         self.disabled = False
-
-        weight = base_layer.weight
-        out_local, in_local = weight.shape
-        factory = dict(dtype=weight.dtype, device=weight.device)
-        self.lora_A = nn.Parameter(self._init_A(r, in_local, init_seed, name).to(**factory))
-        self.lora_B = nn.Parameter(torch.zeros(out_local, r, **factory))
-        self._mark_tensor_parallel()
+        self.add_adapter(adapter, r, lora_alpha, init_seed)
         self.register_state_dict_post_hook(_save_base_under_own_names)
         self.register_load_state_dict_pre_hook(_load_base_from_own_names)
         self.register_load_state_dict_post_hook(_lora_keys_are_optional)
+
+    def add_adapter(self, adapter: str, r: int, lora_alpha: float, init_seed: int = 0, *, replace: bool = False) -> None:
+        """Add a fresh adapter ``adapter`` (A Kaiming-uniform from ``init_seed``, B zero) next to the others.
+
+        The same ``init_seed`` gives the same ``A`` whatever the adapter's name, so a task's
+        adapter starts where a one-task run with that seed starts.  ``replace`` swaps an existing
+        adapter of that name (a PEFT file of another rank is loaded that way).
+        """
+        if adapter in self.adapters and not replace:
+            raise ValueError(f"LoRA target {self.name}: adapter '{adapter}' exists already")
+        if self.merged:
+            raise RuntimeError(f"LoRA target {self.name}: unmerge before changing adapters")
+        weight = self.base_layer.weight
+        out_local, in_local = weight.shape
+        factory = dict(dtype=weight.dtype, device=weight.device)
+        scaling = lora_scaling(lora_alpha, r, self.use_rslora)
+        self.adapters[adapter] = LoRAWeights(self._init_A(r, in_local, init_seed, self.name).to(**factory),
+                                             torch.zeros(out_local, r, **factory), lora_alpha, scaling)
+        self._mark_tensor_parallel(self.adapters[adapter])
+
+    def set_active(self, adapter: str) -> None:
+        """Route the forward (and merge, export, load) through ``adapter``; see :func:`use_adapter`."""
+        if adapter not in self.adapters:
+            raise KeyError(f"LoRA target {self.name}: no adapter '{adapter}' (have {', '.join(self.adapters)})")
+        if self.merged and adapter != self.active:
+            raise RuntimeError(f"LoRA target {self.name}: unmerge '{self.active}' before switching to '{adapter}'")
+        self.active = adapter
+
+    @property
+    def current(self) -> LoRAWeights:
+        return self.adapters[self.active]
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.current.lora_A
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.current.lora_B
+
+    @property
+    def r(self) -> int:
+        return self.current.r
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.current.lora_alpha
+
+    @property
+    def scaling(self) -> float:
+        return self.current.scaling
 
     def _init_A(self, r: int, in_local: int, seed: int, name: str) -> torch.Tensor:
         """Kaiming-uniform(a=sqrt(5)) over the global ``[r, in]``, then this rank's columns."""
@@ -139,7 +208,7 @@ class LoRALinear(nn.Module):
         rank, _ = group_rank_size(getattr(self.base_layer, "tp_group", None))
         return full[:, rank * in_local : (rank + 1) * in_local].clone()
 
-    def _mark_tensor_parallel(self) -> None:
+    def _mark_tensor_parallel(self, weights: LoRAWeights) -> None:
         """Tag parameters the way megatron tags its own, so grad-norm and sync treat them right.
 
         ``tensor_model_parallel``: this rank holds a shard (counted on every rank in the grad norm).
@@ -148,7 +217,7 @@ class LoRALinear(nn.Module):
         """
         if self.kind == "plain":
             return
-        split, replicated = (self.lora_B, self.lora_A) if self.kind == "column" else (self.lora_A, self.lora_B)
+        split, replicated = (weights.lora_B, weights.lora_A) if self.kind == "column" else (weights.lora_A, weights.lora_B)
         tp_size = group_rank_size(getattr(self.base_layer, "tp_group", None))[1]
         split.tensor_model_parallel = tp_size > 1
         split.partition_dim = 0 if self.kind == "column" else 1
@@ -157,11 +226,12 @@ class LoRALinear(nn.Module):
         replicated.sequence_parallel = self.sequence_parallel
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters this layer adds: ``[lora_A, lora_B]``."""
+        """The active adapter's trainable parameters: ``[lora_A, lora_B]``."""
         return [self.lora_A, self.lora_B]
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}"
+        adapters = ", ".join(f"{n}: r={a.r}, alpha={a.lora_alpha}, scaling={a.scaling:g}" for n, a in self.adapters.items())
+        return f"kind={self.kind}, active={self.active}, adapters=[{adapters}]"
 
     def lora_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """``A dropout(x)`` [..., r], after the TP communication of the base layer's kind."""
@@ -276,14 +346,14 @@ def _load_base_from_own_names(module, state_dict, prefix, local_metadata, strict
     """``x.weight`` (a base checkpoint's name) loads into ``x.base_layer.weight``."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix):]
-        if "." not in rest and rest not in ("lora_A", "lora_B"):
+        if "." not in rest:
             state_dict[prefix + "base_layer." + rest] = state_dict.pop(key)
 
 
 def _lora_keys_are_optional(module, incompatible_keys) -> None:
     """A base checkpoint has no LoRA tensors: loading it keeps the fresh adapter."""
     missing = incompatible_keys.missing_keys
-    for key in [k for k in missing if k.endswith((".lora_A", ".lora_B")) or k in ("lora_A", "lora_B")]:
+    for key in [k for k in missing if k.endswith((".lora_A", ".lora_B"))]:
         missing.remove(key)
 
 
@@ -319,8 +389,9 @@ def apply_lora_to_model(
     *,
     use_rslora: bool = False,
     init_seed: int = 0,
+    adapter: str = DEFAULT_ADAPTER,
 ) -> list[str]:
-    """Wrap every targeted linear of ``model`` in a :class:`LoRALinear`, in place.
+    """Wrap every targeted linear of ``model`` in a :class:`LoRALinear` holding adapter ``adapter``, in place.
 
     Returns the dotted names of the wrapped modules.  All problems (bad hyper-parameters, a
     target matching nothing, an unsupported layer type, ``r`` above a layer's smaller
@@ -344,7 +415,8 @@ def apply_lora_to_model(
     for name, module in found.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = LoRALinear(module, r, lora_alpha, lora_dropout, use_rslora=use_rslora, init_seed=init_seed, name=name)
+        wrapped = LoRALinear(module, r, lora_alpha, lora_dropout, use_rslora=use_rslora, init_seed=init_seed, name=name,
+                             adapter=adapter)
         setattr(parent, attr, wrapped)
     return list(found)
 
@@ -356,7 +428,54 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The active adapter's parameters, every layer."""
     return [p for _, m in lora_modules(model) for p in m.lora_parameters()]
+
+
+def _layers(model: nn.Module | Iterable[nn.Module]) -> list[LoRALinear]:
+    chunks = [model] if isinstance(model, nn.Module) else list(model)
+    return [m for c in chunks for _, m in lora_modules(c)]
+
+
+def adapter_names(model: nn.Module | Iterable[nn.Module]) -> list[str]:
+    """The adapters of the model's LoRA layers, in the order they were added."""
+    layers = _layers(model)
+    return list(layers[0].adapters) if layers else []
+
+
+def add_adapter(model: nn.Module | Iterable[nn.Module], adapter: str, r: int, lora_alpha: float,
+                init_seed: int = 0) -> None:
+    """A fresh adapter ``adapter`` on every LoRA layer (all problems raised together as one ValueError)."""
+    layers = _layers(model)
+    errors = hparam_errors(r, lora_alpha, 0.0)
+    if not errors:
+        errors += rank_errors(r, {m.name: _global_shape(m.base_layer, m.kind) for m in layers})
+    if errors:
+        raise ValueError("; ".join(f"adapter '{adapter}': {e}" for e in errors))
+    for m in layers:
+        m.add_adapter(adapter, r, lora_alpha, init_seed)
+
+
+def adapter_parameters(model: nn.Module | Iterable[nn.Module], adapter: str) -> list[nn.Parameter]:
+    """``[A, B]`` of adapter ``adapter``, every layer: what that adapter's optimizer steps."""
+    return [p for m in _layers(model) for p in (m.adapters[adapter].lora_A, m.adapters[adapter].lora_B)]
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module | Iterable[nn.Module], adapter: str):
+    """Inside the block every LoRA layer applies (and exports, loads, merges) adapter ``adapter``.
+
+    One forward goes through one adapter: a micro-batch belongs to one task.
+    """
+    layers = _layers(model)
+    previous = [m.active for m in layers]
+    for m in layers:
+        m.set_active(adapter)
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, previous):
+            m.set_active(was)
 
 
 @contextlib.contextmanager
@@ -365,8 +484,7 @@ def disable_adapters(model: nn.Module | Iterable[nn.Module]):
 
     This is how the reference policy is computed for KL: same weights, adapters off.
     """
-    chunks = [model] if isinstance(model, nn.Module) else list(model)
-    layers = [m for c in chunks for _, m in lora_modules(c)]
+    layers = _layers(model)
     previous = [m.disabled for m in layers]
     for m in layers:
         m.disabled = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from slime.backends.megatron_utils.parallel import is_rank0, pp_group, tp_rank_s
 from slime.utils.errors import UserError
 from slime.utils.lora_config import LoraConfig
 from slime_plugins.lora.input_recompute import install_input_recompute
-from slime_plugins.lora.lora_layer import apply_lora_to_model
+from slime_plugins.lora.lora_layer import DEFAULT_ADAPTER, add_adapter, apply_lora_to_model
 
 _RULE = "=" * 80
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -63,9 +63,13 @@ def _log_applied(chunk_index: int, names: list[str], verbose: bool) -> None:
         _log(f"... and {hidden} more modules in later layers (--lora-verbose lists them)")
 
 
-def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module],
-                                 config: LoraConfig | argparse.Namespace) -> list[nn.Module]:
+def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module], config: LoraConfig | argparse.Namespace,
+                                 adapters: Mapping[str, LoraConfig] | None = None) -> list[nn.Module]:
     """Wrap ``config.targets`` of every chunk in LoRA and freeze the rest.
+
+    ``adapters``: several named adapters on the one base (``--lora-tasks``: task name -> that
+    task's config, which differs from ``config`` in ``r`` and ``alpha`` at most); without it, one
+    adapter named ``default``.  Every adapter starts from the same seed, as a one-task run would.
 
     ``model`` is a list of chunks (virtual pipeline stages) or one module; wrappers are
     unwrapped.  ``config`` is the run's :class:`~slime.utils.lora_config.LoraConfig` (parsed
@@ -77,12 +81,17 @@ def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module],
     if not isinstance(config, LoraConfig):
         config = LoraConfig.from_args(config)
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    _log_config(config)
+    adapters = dict(adapters or {DEFAULT_ADAPTER: config})
+    first, *others = adapters
+    config = adapters[first]
+    _log_config(config, adapters)
     for index, chunk in enumerate(chunks):
         inner = unwrap_model(chunk)
         try:
             names = apply_lora_to_model(inner, config.targets, config.r, config.alpha, config.dropout,
-                                        use_rslora=config.use_rslora, init_seed=config.init_seed)
+                                        use_rslora=config.use_rslora, init_seed=config.init_seed, adapter=first)
+            for name in others:
+                add_adapter(inner, name, adapters[name].r, adapters[name].alpha, adapters[name].init_seed)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         _log_applied(index, names, config.verbose)
@@ -103,11 +112,13 @@ def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module],
     return chunks
 
 
-def _log_config(config: LoraConfig) -> None:
+def _log_config(config: LoraConfig, adapters: Mapping[str, LoraConfig]) -> None:
     _log(_RULE)
     _log("Applying LoRA to model...")
     _log(_RULE)
     _log("LoRA Configuration:")
+    if len(adapters) > 1 or DEFAULT_ADAPTER not in adapters:
+        _log(f"  - Adapters: {', '.join(f'{n} (r={c.r}, alpha={c.alpha:g})' for n, c in adapters.items())}")
     _log(f"  - Rank (r): {config.r}")
     _log(f"  - Alpha: {config.alpha}")
     _log(f"  - Dropout: {config.dropout}")

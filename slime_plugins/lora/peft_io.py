@@ -276,14 +276,11 @@ def _unknown_module_errors(adapter: PeftAdapter, targets: list[_Target], arch: M
 
 
 def _rewrap(target: _Target, rank: int) -> LoRALinear:
-    """Replace ``target``'s LoRALinear by one of ``rank`` on the same base layer and the same scaling."""
-    old = target.lora
-    alpha = old.scaling * (math.sqrt(rank) if old.use_rslora else rank)
-    dropout = old.lora_dropout.p if isinstance(old.lora_dropout, nn.Dropout) else 0.0
-    new = LoRALinear(old.base_layer, rank, alpha, dropout, use_rslora=old.use_rslora, name=target.name)
-    new.train(old.training)
-    setattr(target.parent, target.attr, new)
-    return new
+    """Give ``target``'s active adapter rank ``rank`` at the same scaling (its other adapters stay)."""
+    lora = target.lora
+    alpha = lora.scaling * (math.sqrt(rank) if lora.use_rslora else rank)
+    lora.add_adapter(lora.active, rank, alpha, replace=True)
+    return lora
 
 
 @torch.no_grad()

@@ -103,7 +103,8 @@ def _tag_parallel_weights(model: nn.Module, tp: int) -> None:
 
 
 def get_model(args: argparse.Namespace, arch: ModelArch, lora: LoraConfig | None = None) -> list[nn.Module]:
-    """All chunks of this rank, with LoRA already in place when ``lora`` is given."""
+    """All chunks of this rank, with LoRA already in place when ``lora`` is given (one adapter per
+    ``args.tasks`` entry when there are tasks)."""
     from megatron.core import parallel_state
 
     chunks = [model_provider(args, arch, pre_process=parallel_state.is_pipeline_first_stage(),
@@ -117,7 +118,8 @@ def get_model(args: argparse.Namespace, arch: ModelArch, lora: LoraConfig | None
     if lora is not None:
         from slime_plugins.lora.megatron_lora_hook import apply_lora_to_megatron_model
 
-        chunks = apply_lora_to_megatron_model(chunks, lora)
+        tasks = getattr(args, "tasks", None) or []
+        chunks = apply_lora_to_megatron_model(chunks, lora, {t.name: t.lora for t in tasks} or None)
         if args.recompute_activations:
             for chunk in chunks:
                 _let_gradients_through_recompute(chunk)
@@ -134,16 +136,41 @@ def _let_gradients_through_recompute(chunk: nn.Module) -> None:
 
 
 class ModelAndOptimizer(NamedTuple):
+    """``optimizers``: adapter name -> its optimizer (one per ``--lora-tasks`` task; otherwise one,
+    under ``default``, over every trainable parameter); empty for a frozen reference model."""
+
     model: list[nn.Module]
-    optimizer: TrainOptimizer | None
+    optimizers: dict[str, TrainOptimizer]
     arch: ModelArch
 
+    @property
+    def optimizer(self) -> TrainOptimizer | None:
+        """The run's one optimizer (``None`` for a frozen model); a several-task run has one per task."""
+        if len(self.optimizers) > 1:
+            raise AttributeError("several adapters, one optimizer each: use .optimizers[name]")
+        return next(iter(self.optimizers.values()), None)
 
-def build_optimizer(args: argparse.Namespace, chunks: list[nn.Module]) -> TrainOptimizer:
-    schedule = LRSchedule(lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
+
+def build_optimizer(args: argparse.Namespace, chunks: list[nn.Module],
+                    params: list[nn.Parameter] | None = None) -> TrainOptimizer:
+    """AdamW + the LR schedule of the flags (``args`` may be a task's view: its own ``lr``)."""
+    schedule = LRSchedule(lr=args.lr, min_lr=min(args.min_lr, args.lr), warmup_iters=args.lr_warmup_iters,
                           decay_style=args.lr_decay_style, decay_iters=args.lr_decay_iters)
-    return TrainOptimizer(chunks, schedule, weight_decay=args.weight_decay,
-                          betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad)
+    return TrainOptimizer(chunks, schedule, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+                          eps=args.adam_eps, clip_grad=args.clip_grad, params=params)
+
+
+def build_optimizers(args: argparse.Namespace, chunks: list[nn.Module]) -> dict[str, TrainOptimizer]:
+    """One optimizer per adapter: its own AdamW state, LR schedule, grad norm and clipping."""
+    tasks = getattr(args, "tasks", None) or []
+    if not tasks:
+        from slime_plugins.lora.lora_layer import DEFAULT_ADAPTER
+
+        return {DEFAULT_ADAPTER: build_optimizer(args, chunks)}
+    from slime.utils.tasks import task_args
+    from slime_plugins.lora.lora_layer import adapter_parameters
+
+    return {t.name: build_optimizer(task_args(args, t), chunks, adapter_parameters(chunks, t.name)) for t in tasks}
 
 
 def initialize_model_and_optimizer(args: argparse.Namespace, role: str = "actor",
@@ -167,9 +194,9 @@ def initialize_model_and_optimizer(args: argparse.Namespace, role: str = "actor"
         for chunk in chunks:
             chunk.requires_grad_(False)
             chunk.eval()
-        return ModelAndOptimizer(chunks, None, arch)
+        return ModelAndOptimizer(chunks, {}, arch)
     if lora is not None and lora.adapter_path:
         from slime_plugins.lora.peft_io import load_peft_adapter
 
         load_peft_adapter(chunks, arch, lora.adapter_path, lora)
-    return ModelAndOptimizer(chunks, build_optimizer(args, chunks), arch)
+    return ModelAndOptimizer(chunks, build_optimizers(args, chunks), arch)

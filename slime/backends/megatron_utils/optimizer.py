@@ -65,8 +65,10 @@ class TrainOptimizer:
     """One optimizer step = DP grad average, global grad norm, clip, AdamW, LR schedule."""
 
     def __init__(self, chunks: list[nn.Module], schedule: LRSchedule, *, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8, clip_grad: float = 1.0) -> None:
-        self.params = [p for c in chunks for p in c.parameters() if p.requires_grad]
+                 betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8, clip_grad: float = 1.0,
+                 params: list[nn.Parameter] | None = None) -> None:
+        """Over ``params`` (one adapter's, with ``--lora-tasks``), by default every trainable parameter of ``chunks``."""
+        self.params = params if params is not None else [p for c in chunks for p in c.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters: check --use-lora / --lora-only-trainable")
         self.schedule = schedule
