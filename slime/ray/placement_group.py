@@ -53,6 +53,7 @@ class TrainGroup:
 
     def __init__(self, args: argparse.Namespace, pgs: PlacementGroups) -> None:
         self.infos: list[dict] = []  # what each rank's init returned (pid, trainable count)
+        self.tasks = [t.name for t in args.tasks]
         threads = max(1, (os.cpu_count() or 1) // args.world_size)
         self.group = RayActorGroup(MegatronTrainRayActor, args.world_size, pgs.group, use_gpu=torch.cuda.is_available(),
                                    first_bundle=pgs.actor_bundles.start, name="training", timeout_s=args.actor_timeout,
@@ -67,15 +68,22 @@ class TrainGroup:
         return self.group.call("train", rollout_id, batch_ref)[0]
 
     def update_weights(self, rollout_manager: RolloutManager) -> dict:
-        """Push the newest weights to the rollout engine (with LoRA: the adapter tensors only).
+        """Push the newest weights to the rollout engine (with LoRA: the adapter tensors only; with
+        ``--lora-tasks``: every task's adapter, under the task's name).
 
         Every rank takes part in the export (TP shards are gathered); rank 0's result goes to
         the engine as an ObjectRef, so the tensors never pass through the driver.
         """
         start = time.time()
-        refs = self.group.async_call("export_weights")
-        metrics = rollout_manager.update_weights(refs[0])
-        self.group.get(refs[1:], "export_weights", ranks=range(1, len(refs)))
+        metrics: dict = {}
+        for task in self.tasks or [None]:
+            refs = self.group.async_call("export_weights", task)
+            synced = rollout_manager.update_weights(refs[0], task) if task else rollout_manager.update_weights(refs[0])
+            self.group.get(refs[1:], "export_weights", ranks=range(1, len(refs)))
+            for key, value in synced.items():  # bytes and tensors add up over the adapters
+                metrics[key] = metrics.get(key, 0) + value if key in ("sync/bytes", "sync/tensors") else value
+            if task:
+                metrics |= {f"{task}/{k}": v for k, v in synced.items() if k == "sync/adapter_version"}
         metrics["sync/seconds"] = time.time() - start
         return metrics
 

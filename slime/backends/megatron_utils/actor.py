@@ -9,6 +9,7 @@ tensors only, in PEFT names); ``save``/``load`` write and restore checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -68,14 +69,17 @@ class MegatronTrainRayActor:
                       pipeline_parallel=args.pipeline_model_parallel_size, seed=args.seed)
         self.args = args
         built = initialize_model_and_optimizer(args, role)
-        self.model, self.optimizer, self.arch = built.model, built.optimizer, built.arch
+        self.model, self.optimizers, self.arch = built.model, built.optimizers, built.arch
+        self.optimizer = built.optimizer if not args.tasks else None
+        # One RNG stream per task (dropout masks), each starting where a one-task run's would.
+        self.task_rng = {t.name: torch.get_rng_state() for t in args.tasks}
         self.ref_model: list[nn.Module] | None = None
         if args.use_kl_loss and not args.use_lora:
             self.ref_model = initialize_model_and_optimizer(args, role="ref").model
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group()
-        return {"pid": os.getpid(), "trainable": sum(p.numel() for p in self.optimizer.params)}
+        return {"pid": os.getpid(), "trainable": sum(p.numel() for o in self.optimizers.values() for p in o.params)}
 
     # ------------------------------------------------------------------ forward
 
@@ -113,13 +117,31 @@ class MegatronTrainRayActor:
     # ------------------------------------------------------------------ train
 
     def train(self, rollout_id: int, batch: RolloutBatch) -> dict:
-        """One rollout's update: ``N / global_batch_size`` optimizer steps over the ``N`` samples.
+        """One rollout's update; with ``--lora-tasks``, one per task, each on that task's samples
+        through that task's adapter, optimizer and RNG stream (metrics prefixed ``<task>/``)."""
+        if self.rank == 0:
+            failpoint("trainer.train")
+        if not self.args.tasks:
+            return self._train_adapter(rollout_id, batch, self.optimizer)
+        from slime_plugins.lora.lora_layer import use_adapter
+
+        start, metrics = time.time(), {}
+        for task in self.args.tasks:
+            torch.set_rng_state(self.task_rng[task.name])
+            with use_adapter(self.model, task.name):
+                task_metrics = self._train_adapter(rollout_id, batch.task_batch(task.name), self.optimizers[task.name],
+                                                   task=task.name)
+            self.task_rng[task.name] = torch.get_rng_state()
+            metrics |= {f"{task.name}/{k}": v for k, v in task_metrics.items() if not k.startswith("perf/")}
+        metrics["perf/train_seconds"] = time.time() - start
+        return metrics
+
+    def _train_adapter(self, rollout_id: int, batch: RolloutBatch, optimizer, task: str | None = None) -> dict:
+        """``N / global_batch_size`` optimizer steps of ``optimizer`` over the ``N`` samples of ``batch``.
 
         Step ``s`` trains samples ``[s N / steps, (s + 1) N / steps)``, split over DP ranks by whole
         groups.  Before any update, the trainer's log-probs are compared with the rollout engine's.
         """
-        if self.rank == 0:
-            failpoint("trainer.train")
         args = self.args
         start = time.time()
         for chunk in self.model:
@@ -139,10 +161,10 @@ class MegatronTrainRayActor:
                 old_logp = self._no_grad_logprobs(batch, totals)
             local_tokens = float(sum(mb.num_tokens for mb in batches))
             step_tokens = self._dp_sum(torch.tensor([local_tokens]))[0].item()
-            self.optimizer.zero_grad()
+            optimizer.zero_grad()
             for mb in batches:
                 self._train_micro_batch(mb, step_tokens, old_logp, totals)
-            norm, lr = self.optimizer.step()
+            norm, lr = optimizer.step()
             grad_norms.append(norm)
         totals = self._dp_sum(totals)
         loss, kl, ent, gap, clipped, tokens, gap_tokens = totals.tolist()  # in Totals' order
@@ -154,7 +176,7 @@ class MegatronTrainRayActor:
         }
         if args.use_kl_loss:
             metrics["train/kl"] = kl / max(tokens, 1)
-        self._check_gap(rollout_id, metrics["train/rollout_logprob_abs_diff"])
+        self._check_gap(rollout_id, metrics["train/rollout_logprob_abs_diff"], task)
         return metrics
 
     def _train_micro_batch(self, mb: PackedBatch, step_tokens: float, old_logp: dict[int, torch.Tensor] | None,
@@ -210,25 +232,31 @@ class MegatronTrainRayActor:
             return on_device.cpu()
         return t
 
-    def _check_gap(self, rollout_id: int, gap: float) -> None:
+    def _check_gap(self, rollout_id: int, gap: float, task: str | None = None) -> None:
         bound = self.args.check_logprob_gap
         if bound and gap > bound:
+            where = f"rollout {rollout_id}" + (f", task '{task}'" if task else "")
             raise UserError(
-                f"rollout {rollout_id}: mean |logp_rollout - logp_train| = {gap:.3g} exceeds --check-logprob-gap "
+                f"{where}: mean |logp_rollout - logp_train| = {gap:.3g} exceeds --check-logprob-gap "
                 f"{bound:g}: the rollout engine is not sampling from the trained weights (stale adapter or weights?)"
             )
 
     # ------------------------------------------------------------------ sync and checkpoints
 
-    def export_weights(self) -> tuple[dict[str, torch.Tensor], dict | None] | None:
+    def export_weights(self, task: str | None = None) -> tuple[dict[str, torch.Tensor], dict | None] | None:
         """What the rollout engine needs after an update (collective; rank 0 returns it).
 
-        With LoRA: the PEFT adapter tensors and config (a few MB). Without: the full HF weights.
+        With LoRA: the PEFT adapter tensors and config (a few MB) of the adapter, or of ``task``'s
+        adapter with ``--lora-tasks``. Without: the full HF weights.
         """
         if self.args.use_lora:
+            from slime_plugins.lora.lora_layer import use_adapter
             from slime_plugins.lora.peft_io import adapter_state_tensors
 
-            tensors, config = adapter_state_tensors(self.model, self.arch, self.args.lora, self.args.hf_checkpoint)
+            spec = next((t for t in self.args.tasks if t.name == task), None)
+            with use_adapter(self.model, task) if spec else contextlib.nullcontext():
+                tensors, config = adapter_state_tensors(self.model, self.arch, spec.lora if spec else self.args.lora,
+                                                        self.args.hf_checkpoint)
         else:
             from slime.backends.megatron_utils.hf_convert import export_hf_weights
 
@@ -238,9 +266,9 @@ class MegatronTrainRayActor:
     def save(self, iteration: int, extra_state: dict) -> None:
         from slime.backends.megatron_utils.checkpoint import save_checkpoint
 
-        save_checkpoint(self.args.save, iteration, self.model, self.arch, self.args, self.optimizer, extra_state)
+        save_checkpoint(self.args.save, iteration, self.model, self.arch, self.args, self.optimizers, extra_state)
 
     def load(self) -> tuple[int, dict]:
         from slime.backends.megatron_utils.checkpoint import load_checkpoint
 
-        return load_checkpoint(self.args.load, self.model, self.arch, self.args, self.optimizer)
+        return load_checkpoint(self.args.load, self.model, self.arch, self.args, self.optimizers)
