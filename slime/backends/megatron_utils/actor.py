@@ -266,9 +266,11 @@ class MegatronTrainRayActor:
     def save(self, iteration: int, extra_state: dict) -> None:
         from slime.backends.megatron_utils.checkpoint import save_checkpoint
 
-        save_checkpoint(self.args.save, iteration, self.model, self.arch, self.args, self.optimizers, extra_state)
+        save_checkpoint(self.args.save, iteration, self.model, self.arch, self.args, self.optimizers, extra_state,
+                        rng_streams=self.task_rng)
 
     def load(self) -> tuple[int, dict]:
         from slime.backends.megatron_utils.checkpoint import load_checkpoint
 
-        return load_checkpoint(self.args.load, self.model, self.arch, self.args, self.optimizers)
+        return load_checkpoint(self.args.load, self.model, self.arch, self.args, self.optimizers,
+                               rng_streams=self.task_rng)
