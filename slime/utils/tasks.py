@@ -97,9 +97,9 @@ def _one_task(entry: Any, index: int, args: argparse.Namespace, base: LoraConfig
         return None, [f"{where}: expected a mapping with name and prompt_data, got {type(entry).__name__}"]
     errors = [f"{where}: unknown key '{k}' (known: {', '.join(KEYS)})" for k in entry if k not in KEYS]
     name = entry.get("name")
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in RESERVED:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in RESERVED or name.startswith("iter_"):
         errors.append(f"{where}: name {name!r} is not a valid adapter name (a letter, then letters, digits or _, "
-                      f"at most 48; not {', '.join(sorted(RESERVED))})")
+                      f"at most 48; not {', '.join(sorted(RESERVED))}, not iter_*)")
         name = f"#{index}"
     else:
         where = f"{FLAG} {args.lora_tasks}, task '{name}'"
@@ -152,10 +152,12 @@ def read_tasks(args: argparse.Namespace) -> tuple[list[TaskSpec], list[str]]:
     for index, entry in enumerate(entries):
         task, task_errors = _one_task(entry, index, args, base)
         errors += task_errors
-        if task is not None and task.name in seen:
-            errors.append(f"{FLAG} {args.lora_tasks}: task name '{task.name}' appears twice; names must be unique")
-        elif task is not None:
-            seen.add(task.name)
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name in seen:
+            errors.append(f"{FLAG} {args.lora_tasks}: task name '{name}' appears twice; names must be unique")
+        elif isinstance(name, str):
+            seen.add(name)
+        if task is not None:
             tasks.append(task)
     return tasks, errors
 

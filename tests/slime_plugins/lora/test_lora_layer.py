@@ -299,3 +299,89 @@ def test_fused_addmm_path_equals_separate_scale_and_add():
     atol = fp32_tolerance(expected.abs().max(), 2, 12)  # x A^T then (.) B^T, over 12 input features
     assert_close(fused, expected, rtol=0, atol=atol, what="fused addmm vs formula")
     assert_close(fallback, expected, rtol=0, atol=atol, what="fallback vs formula")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several adapters on one base layer (--lora-tasks)
+# ---------------------------------------------------------------------------------------------
+
+def _two_adapter_model():
+    from slime_plugins.lora.lora_layer import add_adapter, apply_lora_to_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(16, 12))
+    apply_lora_to_model(model, ["proj"], r=4, lora_alpha=8, init_seed=5, adapter="add")
+    add_adapter(model, "sub", r=2, lora_alpha=8, init_seed=5)
+    for adapter, std in (("add", 0.1), ("sub", 0.3)):
+        nn.init.normal_(model.proj.adapters[adapter].lora_B, std=std)
+    return model
+
+
+def test_each_adapter_is_applied_only_when_active():
+    from slime_plugins.lora.lora_layer import adapter_names, disable_adapters, use_adapter
+
+    model = _two_adapter_model()
+    layer, x = model.proj, torch.randn(3, 16)
+    assert adapter_names(model) == ["add", "sub"] and layer.active == "add"
+    base = layer.base_layer(x)
+    for adapter in ("add", "sub"):
+        weights = layer.adapters[adapter]
+        with use_adapter(model, adapter):
+            assert (layer.r, layer.scaling) == (weights.r, weights.scaling)
+            expected = base + torch.nn.functional.linear(x, weights.lora_B @ weights.lora_A) * weights.scaling
+            torch.testing.assert_close(model(x), expected)
+    assert layer.active == "add"  # restored after the block
+    with disable_adapters(model):
+        torch.testing.assert_close(model(x), base)  # the reference policy: every adapter off
+
+
+def test_one_forward_trains_only_the_active_adapter():
+    from slime_plugins.lora.lora_layer import adapter_parameters, use_adapter
+
+    model = _two_adapter_model()
+    with use_adapter(model, "sub"):
+        model(torch.randn(3, 16)).sum().backward()
+    assert all(p.grad is not None for p in adapter_parameters(model, "sub"))
+    assert all(p.grad is None for p in adapter_parameters(model, "add"))
+
+
+def test_a_new_adapter_starts_where_a_one_adapter_layer_starts():
+    """Same seed, same module name: the same A whatever the adapter is called (B is zero)."""
+    from slime_plugins.lora.lora_layer import add_adapter, apply_lora_to_model
+
+    torch.manual_seed(0)
+    one, two = nn.Sequential(nn.Linear(16, 12)), nn.Sequential(nn.Linear(16, 12))
+    two.load_state_dict(one.state_dict())
+    apply_lora_to_model(one, ["0"], r=4, lora_alpha=8, init_seed=9)
+    apply_lora_to_model(two, ["0"], r=4, lora_alpha=8, init_seed=9, adapter="add")
+    add_adapter(two, "sub", r=4, lora_alpha=8, init_seed=9)
+    for adapter in ("add", "sub"):
+        assert torch.equal(two[0].adapters[adapter].lora_A, one[0].lora_A)
+        assert torch.count_nonzero(two[0].adapters[adapter].lora_B) == 0
+
+
+def test_merge_folds_the_active_adapter_and_pins_it():
+    from slime_plugins.lora.lora_layer import use_adapter
+
+    model = _two_adapter_model()
+    layer, x = model.proj, torch.randn(3, 16)
+    with use_adapter(model, "sub"):
+        expected = model(x)
+        layer.merge()
+        torch.testing.assert_close(model(x), expected)
+        with pytest.raises(RuntimeError, match="unmerge 'sub' before switching"):
+            layer.set_active("add")
+        layer.unmerge()
+    with pytest.raises(KeyError, match="no adapter 'mul'"):
+        layer.set_active("mul")
+
+
+def test_add_adapter_checks_rank_against_every_layer():
+    from slime_plugins.lora.lora_layer import add_adapter
+
+    model = _two_adapter_model()
+    with pytest.raises(ValueError, match="adapter 'big': --lora-r 13 exceeds the smaller dimension"):
+        add_adapter(model, "big", r=13, lora_alpha=8)
+    with pytest.raises(ValueError, match="exists already"):
+        model.proj.add_adapter("sub", 2, 8.0)
