@@ -6,6 +6,12 @@ implementation (:mod:`slime.rollout.engines`), each in its own bundle.  A rollou
 groups are split among the engines in contiguous shares, so every group stays on one engine.
 The trainer's weight updates reach the engines as an ``ObjectRef`` straight from the
 training actor, without passing through the driver: with LoRA, only the adapter tensors.
+
+With ``--lora-tasks`` every task has its own prompts, eval sets and reward (built from
+:func:`slime.utils.tasks.task_args`, by the code a one-task run uses) and its own engine adapter,
+named after the task.  A rollout draws ``--rollout-batch-size`` prompts of every task and sends
+all of them to the engines in one ``generate`` call per engine, each request naming its task's
+adapter; task ``k``'s prompt groups are numbered after task ``k - 1``'s.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import asyncio
 import copy
 import time
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -27,6 +34,46 @@ from slime.rollout.engine import POLICY_ADAPTER, SamplingParams
 from slime.rollout.engines import engine_class, engine_kwargs
 from slime.rollout.rm import batch_rewards, load_reward_fn
 from slime.utils.allocator import allocator_env
+from slime.utils.errors import UserError
+from slime.utils.tasks import FLAG, task_args
+
+
+@dataclass
+class TaskData:
+    """What one task samples from and is scored by.
+
+    ``name`` is ``None`` in a one-task run (metric keys unprefixed, state ``{"dataset": ...}``);
+    ``args`` is the flags as that task's one-task run sees them; ``adapter`` the engine adapter
+    its requests name (``None``: the base model, full-parameter runs).
+    """
+
+    name: str | None
+    args: argparse.Namespace
+    adapter: str | None
+    dataset: PromptDataset | None
+    eval_sets: dict[str, PromptDataset] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}/" if self.name else ""
+
+
+def build_tasks(args: argparse.Namespace, tokenizer, max_positions: int) -> list[TaskData]:
+    """One :class:`TaskData` per ``--lora-tasks`` task (one unnamed one without the flag); each
+    reward is resolved now, so a bad reward fails before any training."""
+    views = [(task.name, task_args(args, task)) for task in args.tasks] or [(None, args)]
+    tasks = []
+    for name, view in views:
+        load_reward_fn(view)  # resolved (and cached) now
+        # The datasets preflight built and validated: same files, tokenizer and prompt limits.
+        dataset = PromptDataset.from_args(view, tokenizer, max_positions=max_positions) if view.prompt_data else None
+        pairs = view.eval_prompt_data or []
+        eval_sets = {set_name: PromptDataset.from_args(view, tokenizer, path=path, eval_set=True,
+                                                       max_positions=max_positions)
+                     for set_name, path in zip(pairs[::2], pairs[1::2])}
+        adapter = name or (POLICY_ADAPTER if args.use_lora else None)
+        tasks.append(TaskData(name, view, adapter, dataset, eval_sets))
+    return tasks
 
 
 class RolloutManager:
@@ -37,16 +84,8 @@ class RolloutManager:
 
         self.args = args
         self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
-        load_reward_fn(args)  # resolved (and cached) now: a bad --custom-rm-path fails before any training
-        # The datasets preflight built and validated: same files, tokenizer and prompt limits.
         positions = ModelArch.from_checkpoint(args.hf_checkpoint).max_position_embeddings
-        self.dataset = (PromptDataset.from_args(args, self.tokenizer, max_positions=positions)
-                        if args.prompt_data else None)
-        self.eval_sets = {}
-        pairs = args.eval_prompt_data or []
-        for name, path in zip(pairs[::2], pairs[1::2]):
-            self.eval_sets[name] = PromptDataset.from_args(args, self.tokenizer, path=path, eval_set=True,
-                                                           max_positions=positions)
+        self.tasks = build_tasks(args, self.tokenizer, positions)
         # Independent actors (no torch.distributed world), each running the chosen engine class.
         self.engines = RayActorGroup(engine_class(args.rollout_engine), len(bundles), group,
                                      use_gpu=torch.cuda.is_available(), kwargs=engine_kwargs(args),
@@ -54,15 +93,21 @@ class RolloutManager:
                                      distributed=False, name="the rollout engine", timeout_s=args.actor_timeout)
         self.engine_pids: list[int] = self.engines.call("pid")
         self.engines.pids = self.engine_pids  # failure reports name the process
-        self.adapter = POLICY_ADAPTER if args.use_lora else None
+
+    @property
+    def multitask(self) -> bool:
+        return self.tasks[0].name is not None
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(self, payload_ref: ray.ObjectRef) -> dict:
-        """Hand every engine the trainer's export (an ObjectRef resolved inside each engine actor).
+    def update_weights(self, payload_ref: ray.ObjectRef, adapter: str = POLICY_ADAPTER) -> dict:
+        """Hand every engine the trainer's export (an ObjectRef resolved inside each engine actor),
+        loaded under ``adapter`` (a task's name in a ``--lora-tasks`` run).
 
         ``sync/bytes`` and ``sync/tensors`` add up over the engines; ``sync/engine_seconds`` is the slowest."""
-        results = self.engines.call("apply_update", payload_ref)
+        # A one-task run makes the call it always made (engines written before adapters had names).
+        call = (payload_ref,) if adapter == POLICY_ADAPTER else (payload_ref, adapter)
+        results = self.engines.call("apply_update", *call)
         metrics = dict(results[0])
         for key in ("sync/bytes", "sync/tensors"):
             metrics[key] = sum(r[key] for r in results)
@@ -72,74 +117,142 @@ class RolloutManager:
     # ------------------------------------------------------------------ rollout
 
     def num_rollout_per_epoch(self) -> int:
-        return max(1, len(self.dataset) // self.args.rollout_batch_size) if self.dataset else 0
+        """Rollouts in one pass over the prompts: of the smallest task's file with ``--lora-tasks``."""
+        sizes = [len(t.dataset) for t in self.tasks if t.dataset]
+        return max(1, min(sizes) // self.args.rollout_batch_size) if sizes else 0
 
-    def _generate(self, samples: list[Sample], params: SamplingParams, group_size: int) -> list[Sample]:
+    def _generate(self, samples: list[Sample], params: SamplingParams, group_size: int,
+                  parts: list[tuple[TaskData, slice]]) -> list[Sample]:
+        """Generate every sample in one call per engine (``parts``: which rows belong to which task),
+        then score each task's rows with its reward."""
         prompts = [s.prompt_token_ids for s in samples]
+        if len(parts) == 1:
+            names = parts[0][0].adapter  # one name for all: the call a one-task run always made
+        else:
+            names = [task.adapter for task, rows in parts for _ in range(rows.start, rows.stop)]
         shares = engine_shares(len(samples), group_size, len(self.engines))
-        calls = [(prompts[share], params, self.adapter) for share in shares]
+        calls = [(prompts[share], params, names if isinstance(names, (str, type(None))) else names[share])
+                 for share in shares]
         outputs = [out for part in self.engines.call_each("generate", calls) for out in part]
         for sample, out in zip(samples, outputs):
             sample.response_token_ids = out.token_ids
             sample.rollout_logprobs = out.logprobs
             sample.response = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        rewards = asyncio.run(batch_rewards(self.args, samples))
-        for sample, reward in zip(samples, rewards):
-            sample.reward = reward
+
+        async def score() -> list[list[float]]:
+            return await asyncio.gather(*(batch_rewards(task.args, samples[rows]) for task, rows in parts))
+
+        for (_, rows), rewards in zip(parts, asyncio.run(score())):
+            for sample, reward in zip(samples[rows], rewards):
+                sample.reward = reward
         return samples
 
     def generate(self, rollout_id: int) -> tuple[RolloutBatch, dict]:
-        """Sample ``--rollout-batch-size`` prompts x ``--n-samples-per-prompt``; score; advantages.
+        """Sample ``--rollout-batch-size`` prompts x ``--n-samples-per-prompt`` (of every task); score; advantages.
 
-        Returns the :class:`RolloutBatch` to train on and the rollout metrics.
+        Returns the :class:`RolloutBatch` to train on (``tasks`` set with ``--lora-tasks``) and the
+        rollout metrics (``<task>/rollout/...`` per task, plus the overall ones).
         """
-        args = self.args
+        args, n = self.args, self.args.n_samples_per_prompt
         start = time.time()
-        samples = repeat_prompts(self.dataset.next_batch(args.rollout_batch_size), args.n_samples_per_prompt)
+        samples: list[Sample] = []
+        parts: list[tuple[TaskData, slice]] = []
+        for task in self.tasks:
+            drawn = repeat_prompts(task.dataset.next_batch(args.rollout_batch_size), n)
+            first_group = samples[-1].group_index + 1 if samples else 0
+            for sample in drawn:
+                sample.group_index += first_group  # group ids stay unique across tasks
+            parts.append((task, slice(len(samples), len(samples) + len(drawn))))
+            samples += drawn
         params = SamplingParams(max_new_tokens=args.rollout_max_response_len, temperature=args.rollout_temperature,
                                 top_p=args.rollout_top_p, top_k=args.rollout_top_k, seed=args.seed * 100003 + rollout_id)
-        samples = self._generate(samples, params, args.n_samples_per_prompt)
+        samples = self._generate(samples, params, n, parts)
         seconds = time.time() - start
         rewards = [s.reward for s in samples]
-        advantages = group_advantages(rewards, args.n_samples_per_prompt, args.advantage_estimator).tolist()
+        advantages = group_advantages(rewards, n, args.advantage_estimator).tolist()
+        tasks = [task.name for task, rows in parts for _ in range(rows.start, rows.stop)] if self.multitask else None
+        batch = RolloutBatch.from_samples(samples, advantages, tasks=tasks)
+        metrics = {}
+        for task, rows in parts:
+            metrics |= rollout_metrics(samples[rows], n, args.rollout_max_response_len, task.dataset.epoch, task.prefix)
         lengths = [len(s.response_token_ids) for s in samples]
-        batch = RolloutBatch.from_samples(samples, advantages)
-        groups = torch.tensor(rewards).view(-1, args.n_samples_per_prompt)
-        metrics = {
+        metrics |= {
             "rollout/reward_mean": sum(rewards) / len(rewards),
-            "rollout/response_len_mean": sum(lengths) / len(lengths),
             "rollout/tokens_per_second": sum(lengths) / max(seconds, 1e-9),
-            "rollout/zero_std_groups": float((groups.std(dim=1) == 0).float().mean()) if groups.shape[1] > 1 else 1.0,
-            "rollout/truncated": sum(len(s.response_token_ids) >= args.rollout_max_response_len for s in samples) / len(samples),
-            "rollout/epoch": self.dataset.epoch,
             "perf/rollout_seconds": seconds,
         }
         return batch, metrics
 
     def eval(self, rollout_id: int) -> dict:
-        """Reward mean per held-out set (greedy with --eval-temperature 0)."""
-        args = self.args
+        """Reward mean per held-out set (greedy with --eval-temperature 0): ``eval/<set>/...``, or
+        ``<task>/eval/<set>/...`` with every task's sets generated in one call per engine."""
+        sets = [(task, name, dataset) for task in self.tasks for name, dataset in task.eval_sets.items()]
+        if not self.multitask:  # one call per set, as always
+            metrics = {}
+            for task, name, dataset in sets:
+                start = time.time()
+                metrics |= self._eval_sets([(task, name, dataset)])
+                metrics[f"perf/eval_{name}_seconds"] = time.time() - start
+            return metrics
+        start = time.time()
+        metrics = self._eval_sets(sets) if sets else {}
+        return metrics | ({"perf/eval_seconds": time.time() - start} if sets else {})
+
+    def _eval_sets(self, sets: list[tuple[TaskData, str, PromptDataset]]) -> dict:
+        """Generate and score ``sets`` (``(task, set name, dataset)``) in one call per engine."""
+        args, n = self.args, self.args.n_samples_per_eval_prompt
+        samples: list[Sample] = []
+        parts = []
+        for task, _, dataset in sets:
+            drawn = [copy.copy(s) for s in dataset.samples() for _ in range(n)]
+            parts.append((task, slice(len(samples), len(samples) + len(drawn))))
+            samples += drawn
+        params = SamplingParams(max_new_tokens=args.eval_max_response_len, temperature=args.eval_temperature,
+                                seed=args.seed + 7)
+        samples = self._generate(samples, params, n, parts)
         metrics = {}
-        for name, dataset in self.eval_sets.items():
-            start = time.time()
-            samples = [copy.copy(s) for s in dataset.samples() for _ in range(args.n_samples_per_eval_prompt)]
-            params = SamplingParams(max_new_tokens=args.eval_max_response_len, temperature=args.eval_temperature,
-                                    seed=args.seed + 7)
-            samples = self._generate(samples, params, args.n_samples_per_eval_prompt)
-            metrics[f"eval/{name}/reward_mean"] = sum(s.reward for s in samples) / len(samples)
-            metrics[f"eval/{name}/response_len_mean"] = sum(len(s.response_token_ids) for s in samples) / len(samples)
-            metrics[f"perf/eval_{name}_seconds"] = time.time() - start
+        for (task, name, _), (_, rows) in zip(sets, parts):
+            part = samples[rows]
+            metrics[f"{task.prefix}eval/{name}/reward_mean"] = sum(s.reward for s in part) / len(part)
+            metrics[f"{task.prefix}eval/{name}/response_len_mean"] = sum(len(s.response_token_ids) for s in part) / len(part)
         return metrics
 
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict:
-        return {"dataset": self.dataset.state_dict()} if self.dataset else {}
+        """Where each prompt sampler stands: ``{"dataset": ...}``, or ``{"tasks": {name: ...}}`` with ``--lora-tasks``."""
+        if self.multitask:
+            return {"tasks": {task.name: task.dataset.state_dict() for task in self.tasks}}
+        return {"dataset": self.tasks[0].dataset.state_dict()} if self.tasks[0].dataset else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.dataset and "dataset" in state:
-            self.dataset.load_state_dict(state["dataset"])
+        if not self.multitask:
+            if self.tasks[0].dataset and "dataset" in state:
+                self.tasks[0].dataset.load_state_dict(state["dataset"])
+            return
+        saved = state.get("tasks", {})
+        missing = [task.name for task in self.tasks if task.name not in saved]
+        if missing:
+            raise UserError(f"{FLAG} {self.args.lora_tasks}: the checkpoint has no data position for task(s) "
+                            f"{', '.join(missing)} (it was saved with tasks {', '.join(sorted(saved)) or 'none'}); "
+                            "resume with the task file it was saved with")
+        for task in self.tasks:
+            task.dataset.load_state_dict(saved[task.name])
 
+
+def rollout_metrics(samples: list[Sample], group_size: int, max_len: int, epoch: int, prefix: str = "") -> dict:
+    """``{prefix}rollout/...``: reward and response-length means, the share of prompt groups whose
+    rewards are all equal (no signal), the share of responses cut at ``max_len``, the data epoch."""
+    rewards = [s.reward for s in samples]
+    lengths = [len(s.response_token_ids) for s in samples]
+    groups = torch.tensor(rewards).view(-1, group_size)
+    return {
+        f"{prefix}rollout/reward_mean": sum(rewards) / len(rewards),
+        f"{prefix}rollout/response_len_mean": sum(lengths) / len(lengths),
+        f"{prefix}rollout/zero_std_groups": float((groups.std(dim=1) == 0).float().mean()) if group_size > 1 else 1.0,
+        f"{prefix}rollout/truncated": sum(length >= max_len for length in lengths) / len(samples),
+        f"{prefix}rollout/epoch": epoch,
+    }
 
 
 def engine_shares(num_rows: int, group_size: int, num_engines: int) -> list[slice]:

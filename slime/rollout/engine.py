@@ -11,7 +11,8 @@ either can implement it later without the trainer noticing:
   training step without a round trip through the disk;
 * ``update_weights`` mirrors ``/update_weights_from_tensor`` for full-parameter RL;
 * ``apply_update`` is the one call the RL loop makes after every training step: it routes the
-  trainer's export to ``load_lora_adapter`` (as :data:`POLICY_ADAPTER`) or ``update_weights``.
+  trainer's export to ``load_lora_adapter`` (as :data:`POLICY_ADAPTER`, or as the task's name in a
+  ``--lora-tasks`` run) or ``update_weights``.
 
 The built-in CPU implementation is :class:`slime.rollout.hf_engine.HFRolloutEngine`;
 :mod:`slime.rollout.engines` maps ``--rollout-engine`` names to implementations.
@@ -150,11 +151,13 @@ class RolloutEngine(Protocol):
         """Overwrite base-model weights (HF parameter names, any subset) in place."""
         ...
 
-    def apply_update(self, payload: WeightUpdate) -> dict:
+    def apply_update(self, payload: WeightUpdate, adapter: str = POLICY_ADAPTER) -> dict:
         """Switch to the trainer's newest weights.
 
-        ``(tensors, config)`` with a config: ``load_lora_adapter(POLICY_ADAPTER, tensors=tensors,
-        config=config)``; ``(tensors, None)``: ``update_weights(tensors)``.  Returns metrics:
+        ``(tensors, config)`` with a config: ``load_lora_adapter(adapter, tensors=tensors,
+        config=config)`` (``adapter``: :data:`POLICY_ADAPTER` in a one-task run, the task's name with
+        ``--lora-tasks``, one call per task); ``(tensors, None)``: ``update_weights(tensors)``
+        (``adapter`` unused).  Returns metrics:
         ``sync/bytes`` (sum of ``numel * element_size`` over the tensors), ``sync/tensors`` and
         ``sync/engine_seconds``.
         """

@@ -289,13 +289,13 @@ class HFRolloutEngine:
                 self._base_tensors[key].copy_(value)
         self._weight_updates += 1
 
-    def apply_update(self, payload: WeightUpdate) -> dict:
+    def apply_update(self, payload: WeightUpdate, adapter: str = POLICY_ADAPTER) -> dict:
         """See :meth:`slime.rollout.engine.RolloutEngine.apply_update`."""
         failpoint("engine.apply_update")
         start = time.time()
         tensors, config = payload
         if config is not None:
-            self.load_lora_adapter(POLICY_ADAPTER, tensors=tensors, config=config)
+            self.load_lora_adapter(adapter, tensors=tensors, config=config)
         else:
             self.update_weights(tensors)
         return {"sync/bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
