@@ -21,23 +21,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slime.rollout.data import check_prompt_files
-from slime.rollout.engines import ENGINES
+from slime.rollout.engines import ENGINES, vllm_max_loras_error
 from slime.rollout.rm import label_problem, load_reward_fn
 from slime.rollout.vllm_server import find_vllm_python, vllm_python_error
 from slime.utils.errors import UserError, raise_collected
 from slime.utils.lora_config import rank_errors, target_matches
 from slime.utils.peft_format import CONFIG_NAME
+from slime.utils.tasks import FLAG, task_args
 
 if TYPE_CHECKING:  # imported when a config.json is there to read
     from slime.backends.megatron_utils.arch import ModelArch
 
 
-def _path_errors(args: argparse.Namespace) -> list[str]:
+def _data_path_errors(args: argparse.Namespace) -> list[str]:
+    """The prompt file and the eval files: given, and there."""
     errors = []
-    if args.hf_checkpoint is None:
-        errors.append("--hf-checkpoint is required: a Hugging Face model directory (tools/prepare_model.py makes one)")
-    elif not (Path(args.hf_checkpoint) / "config.json").is_file():
-        errors.append(f"--hf-checkpoint {args.hf_checkpoint}: no config.json there; point it at a Hugging Face model directory")
     if not args.prompt_data:
         errors.append("--prompt-data is required: a jsonl file of prompts (tools/make_arith_data.py writes one)")
     elif not Path(args.prompt_data).is_file():
@@ -46,6 +44,17 @@ def _path_errors(args: argparse.Namespace) -> list[str]:
     for name, path in zip(pairs[::2], pairs[1::2]):
         if not Path(path).is_file():
             errors.append(f"--eval-prompt-data {name} {path}: no such file")
+    return errors
+
+
+def _path_errors(args: argparse.Namespace) -> list[str]:
+    errors = []
+    if args.hf_checkpoint is None:
+        errors.append("--hf-checkpoint is required: a Hugging Face model directory (tools/prepare_model.py makes one)")
+    elif not (Path(args.hf_checkpoint) / "config.json").is_file():
+        errors.append(f"--hf-checkpoint {args.hf_checkpoint}: no config.json there; point it at a Hugging Face model directory")
+    if not args.tasks:  # with --lora-tasks every task's files are checked by _task_problems
+        errors += _data_path_errors(args)
     if args.load and not (Path(args.load) / "latest_checkpointed_iteration.txt").is_file():
         errors.append(f"--load {args.load}: no latest_checkpointed_iteration.txt there; pass a --save directory of an earlier run")
     adapter = args.lora.adapter_path if args.lora else None
@@ -54,6 +63,8 @@ def _path_errors(args: argparse.Namespace) -> list[str]:
     if args.rollout_engine not in ENGINES:
         errors.append(f"--rollout-engine {args.rollout_engine}: unknown; choose one of {', '.join(sorted(ENGINES))}")
     elif args.rollout_engine == "vllm" and (problem := vllm_python_error(find_vllm_python(args.vllm_python))):
+        errors.append(problem)
+    if problem := vllm_max_loras_error(args):
         errors.append(problem)
     if args.ref_load and not (Path(args.ref_load) / "config.json").is_file():
         errors.append(f"--ref-load {args.ref_load}: no config.json there")
@@ -115,7 +126,11 @@ def _lora_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
     targets = args.lora.targets
     shapes = {name: shape for name, shape in arch.linear_shapes().items()
               if any(target_matches(target, name) for target in targets)}
-    return rank_errors(args.lora.r, shapes)
+    errors = rank_errors(args.lora.r, shapes)
+    for task in args.tasks:  # each task's own r (the targets are the run's)
+        if task.lora.r != args.lora.r:
+            errors += [f"{FLAG} {args.lora_tasks}, task '{task.name}': {e}" for e in rank_errors(task.lora.r, shapes)]
+    return errors
 
 
 def _weights_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
@@ -185,14 +200,37 @@ def _load_tokenizer(checkpoint: str) -> tuple[Any, list[str]]:
                       f"{reason}); fix the files there (config.json, tokenizer files)"]
 
 
-def _data_problems(args: argparse.Namespace, arch: ModelArch | None) -> tuple[list[str], list[str]]:
-    """Every prompt file built as the rollout builds it: (errors, what --over-long-prompts left out or cut)."""
+def _data_problems(args: argparse.Namespace, arch: ModelArch | None,
+                   tokenizer: Any = None) -> tuple[list[str], list[str]]:
+    """Every prompt file built as the rollout builds it: (errors, what --over-long-prompts left out or cut);
+    ``tokenizer``: the rollout's, when already loaded."""
     if arch is None or not args.prompt_data:
         return [], []
-    tokenizer, errors = _load_tokenizer(args.hf_checkpoint)
+    errors = []
+    if tokenizer is None:
+        tokenizer, errors = _load_tokenizer(args.hf_checkpoint)
     if tokenizer is None:
         return errors, []
     return check_prompt_files(args, tokenizer, arch.max_position_embeddings, check_label=label_problem(args))
+
+
+def _task_problems(args: argparse.Namespace, arch: ModelArch | None) -> tuple[list[str], list[str]]:
+    """The reward and the prompt files (errors, warnings) of the run, or of every ``--lora-tasks`` task, each
+    checked as its one-task run would be (:func:`task_args`) and prefixed with the file and the task."""
+    if not args.tasks:
+        data_errors, warnings = _data_problems(args, arch)
+        return _reward_errors(args) + data_errors, warnings
+    tokenizer, errors = (None, [])
+    if arch is not None:
+        tokenizer, errors = _load_tokenizer(args.hf_checkpoint)  # once, not once per task
+    warnings: list[str] = []
+    for task in args.tasks:
+        view, prefix = task_args(args, task), f"{FLAG} {args.lora_tasks}, task '{task.name}': "
+        task_errors = _data_path_errors(view) + _reward_errors(view)
+        data_errors, data_warnings = _data_problems(view, arch, tokenizer) if tokenizer is not None else ([], [])
+        errors += [prefix + e for e in task_errors + data_errors]
+        warnings += [prefix + w for w in data_warnings]
+    return errors, warnings
 
 
 def _make_dirs(flag: str, target: Path, created: list[Path]) -> str | None:
@@ -250,8 +288,7 @@ def check_run(args: argparse.Namespace) -> None:
     arch, errors = _model_arch(args)
     errors = _path_errors(args) + errors + _layout_errors(args, arch) + _lora_errors(args, arch)
     errors += _weights_errors(args, arch) + _adapter_errors(args, arch) + _load_errors(args, arch)
-    errors += _reward_errors(args)
-    data_errors, warnings = _data_problems(args, arch)
+    data_errors, warnings = _task_problems(args, arch)
     errors += data_errors
     outputs = [(flag, path) for flag, path in (("--save", args.save), ("--log-dir", args.log_dir)) if path]
     output_errors, created = output_dir_errors(outputs)

@@ -214,13 +214,15 @@ class RolloutManager:
         for (task, name, _), (_, rows) in zip(sets, parts):
             part = samples[rows]
             metrics[f"{task.prefix}eval/{name}/reward_mean"] = sum(s.reward for s in part) / len(part)
-            metrics[f"{task.prefix}eval/{name}/response_len_mean"] = sum(len(s.response_token_ids) for s in part) / len(part)
+            lengths = [len(s.response_token_ids) for s in part]
+            metrics[f"{task.prefix}eval/{name}/response_len_mean"] = sum(lengths) / len(lengths)
         return metrics
 
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict:
-        """Where each prompt sampler stands: ``{"dataset": ...}``, or ``{"tasks": {name: ...}}`` with ``--lora-tasks``."""
+        """Where each prompt sampler stands: ``{"dataset": ...}``, or with ``--lora-tasks``
+        ``{"tasks": {name: ...}}``."""
         if self.multitask:
             return {"tasks": {task.name: task.dataset.state_dict() for task in self.tasks}}
         return {"dataset": self.tasks[0].dataset.state_dict()} if self.tasks[0].dataset else {}

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from slime.utils.errors import UserError
+from slime.utils.tasks import max_rank
 
 ENGINES: dict[str, str] = {
     "hf": "slime.rollout.hf_engine:HFRolloutEngine",
@@ -55,12 +56,28 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def vllm_max_loras_error(args: argparse.Namespace) -> str | None:
+    """Why ``--vllm-max-loras`` cannot serve the ``--lora-tasks`` adapters, or ``None``.
+
+    Each adapter needs two slots: its new version is loaded before the old one is unloaded."""
+    tasks = getattr(args, "tasks", None) or []
+    need = 2 * len(tasks)
+    if not tasks or args.rollout_engine != "vllm" or args.vllm_max_loras >= need:
+        return None
+    return (f"--vllm-max-loras {args.vllm_max_loras}: --lora-tasks {args.lora_tasks} has {len(tasks)} tasks and vLLM "
+            f"holds two versions of each adapter while syncing; pass --vllm-max-loras {need} (or more)")
+
+
 def vllm_options(args: argparse.Namespace) -> Any:
-    """The vLLM engine's options from the ``--vllm-*`` flags (the adapter rank from ``args.lora``)."""
+    """The vLLM engine's options from the ``--vllm-*`` flags (the adapter rank: the largest of ``args.lora``
+    and every ``--lora-tasks`` task, :func:`slime.utils.tasks.max_rank`)."""
     from slime.rollout.vllm_engine import VLLMOptions
 
+    problem = vllm_max_loras_error(args)
+    if problem:
+        raise UserError(problem)
     return VLLMOptions(
         python=args.vllm_python, start_timeout_s=args.vllm_start_timeout,
-        request_timeout_s=args.actor_timeout or None, lora_rank=args.lora.r if args.lora else 16,
+        request_timeout_s=args.actor_timeout or None, lora_rank=max_rank(args) if args.lora else 16,
         max_loras=args.vllm_max_loras, max_model_len=args.vllm_max_model_len, kv_cache_gib=args.vllm_kv_cache_gib,
         seed=args.seed, log_dir=args.log_dir, extra_args=shlex.split(args.vllm_extra_args or ""))

@@ -112,6 +112,10 @@ class HFRolloutEngine:
         outputs: list[GenerateOutput | None] = [None] * len(prompt_token_ids)
         with torch.inference_mode():
             for name, request_ids in _group_by_name(names).items():
+                if params.seed is not None:
+                    # Each adapter's requests draw from the seed's own stream, as they would in a
+                    # call of their own: a task's samples do not depend on the other tasks in the call.
+                    generator.manual_seed(params.seed)
                 self._activate(name)
                 prompts = [prompt_token_ids[i] for i in request_ids]
                 for i, out in zip(request_ids, self._generate_group(prompts, params, stop_ids, generator)):

@@ -9,7 +9,9 @@ Weight sync is adapter-only and versioned.  After every training step the traine
 tensors reach this actor; it writes them as a PEFT directory (safetensors, no pickle) under a
 RAM-backed directory (``/dev/shm`` where present), loads that directory into vLLM under a
 new name ``policy-v{N}`` (``POST /v1/load_lora_adapter``), routes new requests for
-``policy`` to it and unloads ``policy-v{N-1}`` once no request in flight uses it.  A request
+``policy`` to it and unloads ``policy-v{N-1}`` once no request in flight uses it.  With
+``--lora-tasks`` every task's adapter (named after the task) has its own versions ``<task>-v{N}``,
+so the server holds up to two versions per task (``--vllm-max-loras`` >= 2 x tasks).  A request
 for a name the server does not hold fails (404) instead of silently running on the base model.
 
 Requests carry token ids (the trainer owns tokenisation), a per-request seed and the adapter
@@ -60,7 +62,7 @@ class VLLMOptions:
     start_timeout_s: float = 600.0
     request_timeout_s: float | None = None  # one HTTP call; None: no limit (the actor deadline still holds)
     lora_rank: int = 16  # the largest adapter rank to serve (rounded up to one vLLM accepts)
-    max_loras: int = 2  # two: the new version loads before the old one is unloaded
+    max_loras: int = 2  # two per adapter: the new version loads before the old one is unloaded
     max_model_len: int | None = None
     kv_cache_gib: int | None = None
     seed: int = 0
@@ -101,7 +103,7 @@ class VLLMRolloutEngine:
         self._paths: dict[str, Path | None] = {}  # versioned name -> directory we wrote (None: the user's)
         self._in_flight: dict[str, int] = {}
         self._retired: list[str] = []  # versioned names to unload once nothing uses them
-        self._version = itertools.count(1)
+        self._versions: dict[str, itertools.count] = {}  # adapter name -> its version counter
         try:
             self.start_seconds = self.server.wait_ready(options.start_timeout_s)
         except BaseException:
@@ -184,7 +186,7 @@ class VLLMRolloutEngine:
         once no request uses it."""
         if (path is None) == (tensors is None):
             raise UserError("load_lora_adapter: give exactly one of path= and tensors=")
-        versioned = f"{name}-v{next(self._version)}"
+        versioned = f"{name}-v{next(self._versions.setdefault(name, itertools.count(1)))}"
         written = 0
         own_dir = None
         if tensors is not None:
@@ -238,13 +240,14 @@ class VLLMRolloutEngine:
         raise UserError("--rollout-engine vllm syncs LoRA adapters only: vLLM has no stable API to reload base "
                         "weights in place; use --use-lora, or --rollout-engine hf for full-parameter RL")
 
-    def apply_update(self, payload: WeightUpdate) -> dict:
+    def apply_update(self, payload: WeightUpdate, adapter: str = POLICY_ADAPTER) -> dict:
+        """Load the trainer's adapter as ``adapter``'s next version; ``sync/adapter_version`` is that version."""
         tensors, config = payload
         start = time.time()
         if config is None:
             self.update_weights(tensors)
-        written = self.load_lora_adapter(POLICY_ADAPTER, tensors=tensors, config=config)
-        version = int(self._current[POLICY_ADAPTER].rsplit("-v", 1)[1])
+        written = self.load_lora_adapter(adapter, tensors=tensors, config=config)
+        version = int(self._current[adapter].rsplit("-v", 1)[1])
         return {"sync/bytes": float(written), "sync/tensors": float(len(tensors)),
                 "sync/engine_seconds": time.time() - start, "sync/adapter_version": float(version)}
 

@@ -146,8 +146,9 @@ def add_vllm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         "made by `make setup-vllm`)")
     g.add_argument("--vllm-start-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="end the run when a vLLM server has not answered /health after this long")
-    g.add_argument("--vllm-max-loras", type=int, default=2,
-                   help="adapters one vLLM batch may hold (2: a new adapter version loads before the old unloads)")
+    g.add_argument("--vllm-max-loras", type=int, default=None,
+                   help="adapters one vLLM batch may hold (default 2 per adapter, 2 x tasks with --lora-tasks: a new "
+                        "adapter version loads before the old one unloads)")
     g.add_argument("--vllm-max-model-len", type=int, default=None, help="vLLM's --max-model-len (default: the model's)")
     g.add_argument("--vllm-kv-cache-gib", type=int, default=None,
                    help="CPU backend: KV-cache GiB (VLLM_CPU_KVCACHE_SPACE; default 1/16 of memory, 1..32)")
@@ -359,6 +360,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.num_rollout = 1
     args.lora = LoraConfig.from_args(args)  # what the trainer, PEFT I/O and checkpoints read
     args.tasks = load_tasks(args)  # [] without --lora-tasks
+    if args.vllm_max_loras is None:
+        args.vllm_max_loras = 2 * max(1, len(args.tasks))
     return args
 
 

@@ -264,6 +264,22 @@ def test_mixed_batch_gives_each_request_its_own_model(engine, reference, peft_re
         assert_close(m.logprobs, expected.logprobs, atol=atol, rtol=0, what="mixed batch vs one-model batch")
 
 
+def test_seeded_samples_of_an_adapter_do_not_depend_on_the_others_in_the_call(engine, peft_reference):
+    """Several tasks sampled in one call (--lora-tasks): each adapter's requests get the samples a
+    call of their own with the same seed gets."""
+    engine.load_lora_adapter("policy", peft_reference[1])
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=11)
+    names = [None, "policy", None, "policy", "policy"]
+    mixed = engine.generate(PROMPTS, params, lora_names=names)
+    for name in (None, "policy"):
+        rows = [i for i, n in enumerate(names) if n == name]
+        alone = engine.generate([PROMPTS[i] for i in rows], params, lora_names=name)
+        assert [mixed[i].token_ids for i in rows] == [out.token_ids for out in alone]
+        # merged adapters: the base weights after merge + unmerge differ from the loaded ones by rounding
+        for i, out in zip(rows, alone):
+            assert_close(mixed[i].logprobs, out.logprobs, atol=1e-5, rtol=0, what="mixed call vs own call")
+
+
 def test_unload_restores_base_and_forgets_name(engine, reference, peft_reference):
     base = engine.generate(PROMPTS, GREEDY)
     engine.load_lora_adapter("policy", peft_reference[1])

@@ -151,6 +151,28 @@ def test_groups_share_a_request_seeds_reproduce_and_stop_tokens_end_outputs(engi
 
 @pytest.mark.slow
 @needs_vllm
+def test_task_adapters_keep_their_own_versions_and_each_request_runs_its_own(engine, base, prompts, adapters):
+    """--lora-tasks: every task's adapter is versioned on its own (``<task>-vN``, ``sync/adapter_version``
+    its N); one call mixing both tasks runs each request through its task's adapter."""
+    a, b = read_peft_adapter(adapters["a"]), read_peft_adapter(adapters["b"])
+    for _ in range(2):
+        synced_a = engine.apply_update((a.state_dict(), a.config), "add")
+        synced_b = engine.apply_update((b.state_dict(), b.config), "mul")
+    assert (synced_a["sync/adapter_version"], synced_b["sync/adapter_version"]) == (2.0, 2.0)
+    served = engine.served_models()
+    assert {"add-v2", "mul-v2"} <= set(served) and not {"add-v1", "mul-v1"} & set(served), served
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, seed=3, stop_token_ids=[])
+    outs = engine.generate(prompts[:2], params, ["add", "mul"])
+    for prompt, out, mine, theirs in zip(prompts, outs, ("a", "b"), ("b", "a")):
+        gap = lambda which: (_peft_logprobs(base, adapters[which], prompt, out.token_ids, 0.7)  # noqa: E731
+                             - torch.tensor(out.logprobs)).abs().mean().item()
+        assert gap(mine) < 1e-4 and gap(theirs) > 1e-2
+    engine.unload_lora_adapter("add")
+    engine.unload_lora_adapter("mul")
+
+
+@pytest.mark.slow
+@needs_vllm
 def test_an_unknown_adapter_is_an_error_not_the_base_model(engine, prompts):
     with pytest.raises(UserError, match="'nope' is not loaded"):
         engine.generate(prompts[:1], SamplingParams(max_new_tokens=2), "nope")
