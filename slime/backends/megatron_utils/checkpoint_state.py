@@ -74,11 +74,18 @@ def _verify_files(iter_dir: Path, records: dict[str, dict], names: Sequence[str]
 # ---------------------------------------------------------------------------------------------
 
 def parameter_names(chunks: Sequence[nn.Module]) -> dict[int, str]:
-    """``id(param) -> "chunk{i}.<dotted name>"``: optimizer state is keyed by name, not position."""
+    """``id(param) -> "chunk{i}.<dotted name>"``: optimizer state is keyed by name, not position.
+
+    The one adapter of a one-task run is named as before adapters had names
+    (``...linear_qkv.lora_A``, not ``...linear_qkv.adapters.default.lora_A``): its checkpoints keep
+    one format across versions."""
+    from slime_plugins.lora.lora_layer import DEFAULT_ADAPTER
+
+    default = f".adapters.{DEFAULT_ADAPTER}."
     names: dict[int, str] = {}
     for index, chunk in enumerate(chunks):
         for name, param in unwrap_model(chunk).named_parameters():
-            names.setdefault(id(param), f"chunk{index}.{name}")
+            names.setdefault(id(param), f"chunk{index}.{name.replace(default, '.')}")
     return names
 
 
