@@ -102,6 +102,13 @@ _ARCH_SIZES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
 
 def _layout_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
     errors = arch.tp_errors(args.tensor_model_parallel_size) if arch else []
+    if arch:
+        from slime.backends.megatron_utils.arch import default_dispatcher
+
+        errors += arch.moe_errors(tp_size=args.tensor_model_parallel_size, ep_size=args.expert_model_parallel_size,
+                                  etp_size=args.expert_tensor_parallel_size, sequence_parallel=args.sequence_parallel,
+                                  dispatcher=args.moe_token_dispatcher_type or default_dispatcher(),
+                                  on_gpu=torch.cuda.is_available())
     cores = os.cpu_count() or 1
     if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS") and args.world_size > cores:
         errors.append(f"--actor-num-gpus-per-node {args.actor_num_gpus_per_node} x --actor-num-nodes "

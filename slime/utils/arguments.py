@@ -37,6 +37,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="MoE models: experts split over this many ranks (within the data-parallel ranks)")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=1,
+                   help="MoE models: TP inside an expert; LoRA on experts needs 1 (whole experts per rank)")
+    g.add_argument("--moe-token-dispatcher-type", choices=("allgather", "alltoall"), default=None,
+                   help="how tokens reach their experts' ranks; default alltoall on GPUs, allgather on CPUs (gloo)")
     g.add_argument("--allocator", choices=allocator.CHOICES, default="auto",
                    help="malloc of the training and rollout processes: tcmalloc (bounded memory, warm pages; "
                         "installed by make setup), system (glibc), auto = tcmalloc when present")
@@ -230,7 +236,8 @@ def _flag(name: str) -> str:
 
 
 # Counts and sizes: always given, or None until given (then filled by finalize_args or unused).
-AT_LEAST_ONE = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "actor_num_nodes", "micro_batch_size",
+AT_LEAST_ONE = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                "expert_tensor_parallel_size", "actor_num_nodes", "micro_batch_size",
                 "rollout_batch_size", "rollout_max_response_len", "n_samples_per_prompt", "n_samples_per_eval_prompt",
                 "rollout_num_engines", "vllm_max_loras", "num_rollout", "num_epoch", "save_interval", "eval_interval",
                 "actor_num_gpus_per_node", "global_batch_size", "max_tokens_per_micro_batch", "eval_max_response_len",
@@ -328,6 +335,12 @@ def _cluster_errors(args: argparse.Namespace) -> list[str]:
     if args.actor_num_gpus_per_node is not None and dp_world % model_parallel:
         errors.append(f"--actor-num-nodes x --actor-num-gpus-per-node ({dp_world}) must be a multiple of TP x PP "
                       f"({model_parallel})")
+    expert_parallel = args.expert_model_parallel_size * args.expert_tensor_parallel_size * args.pipeline_model_parallel_size
+    world = dp_world or model_parallel
+    if args.expert_model_parallel_size > 1 and world % expert_parallel:
+        errors.append(f"--expert-model-parallel-size {args.expert_model_parallel_size} x --expert-tensor-parallel-size "
+                      f"{args.expert_tensor_parallel_size} x PP must divide the training processes ({world}); "
+                      "raise --actor-num-gpus-per-node or lower --expert-model-parallel-size")
     if args.allocator == "tcmalloc" and allocator.find_tcmalloc() is None:
         errors.append(f"--allocator tcmalloc: {allocator.LIBRARY} not found; run `make setup` (or apt-get install "
                       "libtcmalloc-minimal4), or use --allocator auto")

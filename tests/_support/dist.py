@@ -1,6 +1,6 @@
 """Run a function in N real processes joined by torch.distributed (gloo) + megatron parallel state.
 
-``run_distributed(fn, world_size, tp=..., args=(...))`` spawns ``world_size`` processes, each
+``run_distributed(fn, world_size, tp=..., ep=..., args=(...))`` spawns ``world_size`` processes, each
 calling ``fn(rank, *args)`` after ``init_parallel``; it returns the list of per-rank return
 values (which must be picklable).  Any failure in a worker fails the test with its traceback.
 """
@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, tp, pp, port, fn, args, queue):
+def _worker(rank, world_size, tp, pp, ep, port, fn, args, queue):
     try:
         import torch
 
@@ -27,7 +27,7 @@ def _worker(rank, world_size, tp, pp, port, fn, args, queue):
         mp.set_sharing_strategy("file_system")  # the sender picks how tensors travel (see run_distributed)
         from slime.backends.megatron_utils.parallel import destroy_parallel, init_parallel
 
-        init_parallel(rank, world_size, tensor_parallel=tp, pipeline_parallel=pp, master_port=port)
+        init_parallel(rank, world_size, tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, master_port=port)
         result = fn(rank, *args)
         queue.put((rank, "ok", result))
         destroy_parallel()
@@ -35,7 +35,8 @@ def _worker(rank, world_size, tp, pp, port, fn, args, queue):
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_distributed(fn, world_size: int, *, tp: int | None = None, pp: int = 1, args: tuple = (), timeout: float = 300):
+def run_distributed(fn, world_size: int, *, tp: int | None = None, pp: int = 1, ep: int = 1, args: tuple = (),
+                    timeout: float = 300):
     # Tensors in results travel as shared-memory files, not as file descriptors that vanish when the
     # worker exits before the parent has unpickled them (a FileNotFoundError race).
     mp.set_sharing_strategy("file_system")
@@ -43,7 +44,7 @@ def run_distributed(fn, world_size: int, *, tp: int | None = None, pp: int = 1, 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, tp, pp, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, tp, pp, ep, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}

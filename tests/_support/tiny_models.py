@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
+FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "qwen3_moe")
 
 # transformers insists on hidden_size % num_attention_heads == 0 even when head_dim is set.
 # Small enough to build in milliseconds, large enough that every dimension is split at TP=2.
@@ -33,6 +33,10 @@ BASE_CONFIG: dict = {
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
 }
+# Qwen3-MoE: every layer a mixture of 4 experts of width 32, top-2, as the issue's tiny model.
+MOE_CONFIG: dict = {"hidden_size": 64, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 32, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                    "mlp_only_layers": []}
 
 
 @dataclass(frozen=True)
@@ -57,18 +61,23 @@ TINY_SHAPES: list[TinyShape] = [
     TinyShape("qwen3-gqa2-headdim", "qwen3", {"head_dim": 16}),
     TinyShape("qwen3-gqa1-tied", "qwen3", {"num_key_value_heads": 4, "head_dim": 12, "tie_word_embeddings": True}),
 ]
+MOE_SHAPES: list[TinyShape] = [
+    TinyShape("qwen3moe-e4-top2", "qwen3_moe", {}),
+    TinyShape("qwen3moe-e8-top1-raw", "qwen3_moe", {"num_experts": 8, "num_experts_per_tok": 1, "norm_topk_prob": False,
+                                                    "tie_word_embeddings": True}),
+]
 
 
 def tiny_config(family: str = "llama", **overrides):
     """A transformers config of ``family`` from :data:`BASE_CONFIG` plus ``overrides``."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     classes = {"llama": (LlamaConfig, "LlamaForCausalLM"), "qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
-               "qwen3": (Qwen3Config, "Qwen3ForCausalLM")}
+               "qwen3": (Qwen3Config, "Qwen3ForCausalLM"), "qwen3_moe": (Qwen3MoeConfig, "Qwen3MoeForCausalLM")}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
     config_cls, architecture = classes[family]
-    values = {**BASE_CONFIG, **overrides}
+    values = {**BASE_CONFIG, **(MOE_CONFIG if family == "qwen3_moe" else {}), **overrides}
     if family == "qwen2":
         values.setdefault("use_sliding_window", False)
     return config_cls(architectures=[architecture], **values)
@@ -77,10 +86,13 @@ def tiny_config(family: str = "llama", **overrides):
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
     """Overwrite every parameter with seeded noise: N(0, std) for matrices and biases,
-    1 + N(0, std) for norm weights (a norm left at 1 would hide a swapped q/k norm)."""
+    1 + N(0, std) for norm weights (a norm left at 1 would hide a swapped q/k norm), N(0, 1) for
+    MoE routers (``mlp.gate``: well-separated logits, so no top-k choice is a rounding tie)."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         noise = torch.randn(param.shape, generator=gen) * std
+        if name.endswith("mlp.gate.weight"):
+            noise = noise / std
         param.copy_(noise + 1.0 if "norm" in name else noise)
 
 

@@ -66,7 +66,8 @@ class MegatronTrainRayActor:
         if args.pipeline_model_parallel_size > 1:
             raise UserError("--pipeline-model-parallel-size > 1: the RL trainer runs TP x DP only; use TP or more DP")
         init_parallel(self.rank, self.world_size, tensor_parallel=args.tensor_model_parallel_size,
-                      pipeline_parallel=args.pipeline_model_parallel_size, seed=args.seed)
+                      pipeline_parallel=args.pipeline_model_parallel_size,
+                      expert_parallel=args.expert_model_parallel_size, seed=args.seed)
         self.args = args
         built = initialize_model_and_optimizer(args, role)
         self.model, self.optimizers, self.arch = built.model, built.optimizers, built.arch

@@ -18,7 +18,10 @@ its own no-op decorator in place of ``torch.compile`` (what its
 ``disable_jit_fuser`` selects, which cannot run before megatron's own import).
 
 Everything here is applied by :func:`apply_cpu_compat` and only when
-``torch.cuda.is_available()`` is false; on GPU machines nothing is touched.
+``torch.cuda.is_available()`` is false; on GPU machines nothing is touched but one name:
+megatron's MoE router tests ``te_general_gemm is not None`` but defines that name only when
+TransformerEngine imports, so without TransformerEngine (any CPU, and GPUs without it) the name
+is set to ``None``, which selects megatron's own ``torch.mm`` path.
 """
 
 from __future__ import annotations
@@ -85,10 +88,12 @@ def apply_cpu_compat() -> bool:
     """Patch megatron-core for CPU execution; return True when patches are active."""
     global _APPLIED
     if torch.cuda.is_available():
+        _define_missing_te_names()
         return False
     if _APPLIED:
         return True
     _import_megatron_without_compiled_fusions()
+    _define_missing_te_names()
     from megatron.core.tensor_parallel import random as mrandom
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
@@ -127,6 +132,13 @@ def _import_megatron_without_compiled_fusions() -> None:
     finally:
         torch.compile = compile_  # type: ignore[assignment]
     jit.disable_jit_fuser()  # modules imported later decorate with megatron's no-op too
+
+
+def _define_missing_te_names() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _cpu_causal_mask(sq: int) -> torch.Tensor:

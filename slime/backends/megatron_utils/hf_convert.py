@@ -16,7 +16,12 @@ fusions above produce; a rank holds a *local* shard of it):
     ROW           linear_proj, fc2      columns (dim 1), chunk t
     VOCAB         word_embeddings,      rows of the vocab zero-padded to ``arch.padded_vocab_size(T)``,
                   output_layer          chunk t
-    REPLICATED    norms, LoRA A of column layers, LoRA B (and biases) of row layers
+    REPLICATED    norms, LoRA A of column layers, LoRA B (and biases) of row layers,
+                  MoE routers, and every expert parameter (experts are whole on a rank:
+                  expert TP is 1; expert parallelism splits the experts, not the tensors)
+
+Expert parameters are named by the *global* expert index on the HF side and in every table
+here; a rank's modules number its experts from 0 (:func:`local_expert_offset` maps them).
 """
 
 from __future__ import annotations
@@ -31,10 +36,25 @@ import torch.distributed as dist
 from torch import nn
 
 from slime.backends.megatron_utils.arch import ModelArch
-from slime.backends.megatron_utils.parallel import gather_pipeline_stages, tp_group_rank_size, unwrap_model
+from slime.backends.megatron_utils.parallel import (
+    expert_groups,
+    gather_over_group,
+    gather_pipeline_stages,
+    tp_group_rank_size,
+    unwrap_model,
+)
 from slime.utils.atomic import write_dir_atomically
 from slime.utils.errors import UserError
-from slime.utils.hf_names import HF_LAYER_PREFIX, MEGATRON_TO_HF_GLOBAL, MEGATRON_TO_HF_LAYER
+from slime.utils.hf_names import (
+    EXPERT_PREFIX,
+    HF_LAYER_PREFIX,
+    MEGATRON_TO_HF_GLOBAL,
+    MEGATRON_TO_HF_LAYER,
+    expert_module,
+    hf_expert_modules,
+    leaf,
+    split_expert,
+)
 
 COLUMN = "column"
 COLUMN_GATED = "column_gated"
@@ -80,6 +100,8 @@ def megatron_param_kind(megatron_name: str) -> str:
     """
     parts = [p for p in megatron_name.split(".") if p != "base_layer"]
     param = parts.pop() if parts and parts[-1] in _PARAM_NAMES else "weight"
+    if EXPERT_PREFIX in ".".join(parts) + ".":
+        return REPLICATED  # whole experts on each rank
     kind = _LEAF_KIND.get(parts[-1] if parts else "", REPLICATED)
     # LoRA A of a column layer sees the full (replicated) input; B of a row layer sees the reduced
     # output; a row layer's bias is added after the reduction.
@@ -94,7 +116,12 @@ def hf_param_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     """HF parameter name (per-layer names without the ``model.layers.N.`` prefix) -> its shape."""
     h, f, d, v = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim, arch.vocab_size
     q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    return {
+    experts: dict[str, tuple[int, ...]] = {"mlp.gate.weight": (arch.num_experts, h)} if arch.is_moe else {}
+    for e in range(arch.num_experts):
+        i = arch.moe_ffn_hidden_size
+        experts.update({f"mlp.experts.{e}.gate_proj.weight": (i, h), f"mlp.experts.{e}.up_proj.weight": (i, h),
+                        f"mlp.experts.{e}.down_proj.weight": (h, i)})
+    return experts | {
         "model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,),
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
@@ -112,7 +139,11 @@ def _hf_shape_key(hf_name: str) -> str:
 
 
 def hf_names(layer: int | None, module: str, param: str) -> tuple[str, ...]:
-    """HF parameter names of one Megatron parameter; ``layer`` is the *global* layer index."""
+    """HF parameter names of one Megatron parameter; ``layer`` is the *global* layer index, and an
+    expert's ``module`` carries the *global* expert index."""
+    expert = split_expert(module) if layer is not None else None
+    if expert is not None:
+        return tuple(f"{HF_LAYER_PREFIX}.{layer}.{m}.{param}" for m in hf_expert_modules(*expert))
     if layer is None:
         modules = MEGATRON_TO_HF_GLOBAL.get(module)
         prefix = ""
@@ -163,9 +194,9 @@ def fc1_megatron_to_hf(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def megatron_from_hf(module: str, hf_tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
     """The Megatron global tensor of ``module`` from its HF tensors (in table order)."""
-    if module == "self_attention.linear_qkv":
+    if leaf(module) == "linear_qkv":
         return qkv_hf_to_megatron(*hf_tensors, arch)
-    if module == "mlp.linear_fc1":
+    if leaf(module) == "linear_fc1":
         return fc1_hf_to_megatron(*hf_tensors)
     (tensor,) = hf_tensors
     return tensor
@@ -173,9 +204,9 @@ def megatron_from_hf(module: str, hf_tensors: list[torch.Tensor], arch: ModelArc
 
 def hf_from_megatron(module: str, tensor: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, ...]:
     """Inverse of :func:`megatron_from_hf` (vocab padding is the caller's business)."""
-    if module == "self_attention.linear_qkv":
+    if leaf(module) == "linear_qkv":
         return qkv_megatron_to_hf(tensor, arch)
-    if module == "mlp.linear_fc1":
+    if leaf(module) == "linear_fc1":
         return fc1_megatron_to_hf(tensor)
     return (tensor,)
 
@@ -332,12 +363,28 @@ def global_layer_indices(model: nn.Module) -> dict[int, int]:
     return {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
 
 
-def _hf_names_for_load(key: str, layers: dict[int, int], arch: ModelArch) -> tuple[str, tuple[str, ...]]:
+def local_expert_offset(model: nn.Module) -> int:
+    """The global index of this rank's expert 0 (megatron's ``local_expert_indices``); 0 for dense models."""
+    for layer in getattr(getattr(model, "decoder", None), "layers", []):
+        indices = getattr(layer.mlp, "local_expert_indices", None)
+        if indices:
+            return int(indices[0])
+    return 0
+
+
+def global_module(module: str, expert_offset: int) -> str:
+    """A chunk's module name with its expert index made global (other names unchanged)."""
+    expert = split_expert(module)
+    return module if expert is None else expert_module(expert[0] + expert_offset, expert[1])
+
+
+def _hf_names_of_key(key: str, layers: dict[int, int], expert_offset: int, arch: ModelArch) -> tuple[str, tuple[str, ...]]:
+    """A chunk's state-dict key -> (its module, the HF names it is made of)."""
     layer, module, param = split_megatron_name(key)
     if module == "output_layer" and arch.tie_word_embeddings:
         # Tied: the output layer (present on the last stage under PP) is the embedding.
         return module, hf_names(None, "embedding.word_embeddings", param)
-    return module, hf_names(None if layer is None else layers[layer], module, param)
+    return module, hf_names(None if layer is None else layers[layer], global_module(module, expert_offset), param)
 
 
 def _check_tied(reader: CheckpointReader) -> None:
@@ -360,12 +407,12 @@ def load_hf_weights(chunks: Iterable[nn.Module], arch: ModelArch, checkpoint_dir
         _check_tied(reader)
     for chunk in chunks:
         model = unwrap_model(chunk)
-        layers = global_layer_indices(model)
+        layers, offset = global_layer_indices(model), local_expert_offset(model)
         incoming: dict[str, torch.Tensor] = {}
         for key, local in model.state_dict().items():
             if not _is_weight_key(key):
                 continue
-            module, names = _hf_names_for_load(key, layers, arch)
+            module, names = _hf_names_of_key(key, layers, offset, arch)
             full = megatron_from_hf(module, [reader.get(n) for n in names], arch)
             shard = tp_shard(megatron_param_kind(key), full, tp_rank, tp_size,
                              padded_rows=arch.padded_vocab_size(tp_size))
@@ -383,28 +430,34 @@ def load_hf_weights(chunks: Iterable[nn.Module], arch: ModelArch, checkpoint_dir
 def export_hf_weights(chunks: Iterable[nn.Module], arch: ModelArch) -> dict[str, torch.Tensor]:
     """The full HF-named state dict (CPU tensors, the model's dtype) of a possibly TP/PP-split model.
 
-    Collective over the TP group, and over the PP group when PP > 1: every rank must call it,
-    and every rank gets the whole dict (PP stages are all-gathered).  Vocab padding is stripped;
+    Collective over the TP group, the expert-parallel group and the PP group: every rank must
+    call it, and every rank gets the whole dict (PP stages and EP ranks are all-gathered).  Vocab padding is stripped;
     ``lm_head.weight`` is omitted when embeddings are tied.  LoRA layers contribute their base
     weight as it is: unmerged, unless the caller merged the adapters first.
     """
     out: dict[str, torch.Tensor] = {}
     for chunk in chunks:
         model = unwrap_model(chunk)
-        layers = global_layer_indices(model)
+        layers, offset = global_layer_indices(model), local_expert_offset(model)
         for key, local in model.state_dict().items():
-            layer, module, param = split_megatron_name(key)
+            _, module, _ = split_megatron_name(key)
             if not _is_weight_key(key) or (module == "output_layer" and arch.tie_word_embeddings):
                 continue
             kind = megatron_param_kind(key)
             full = gather_tp(local, kind)
             if kind == VOCAB:
                 full = full[: arch.vocab_size]
-            names = hf_names(None if layer is None else layers[layer], module, param)
+            _, names = _hf_names_of_key(key, layers, offset, arch)
             for name, tensor in zip(names, hf_from_megatron(module, full, arch)):
                 # Own, contiguous storage: no aliasing of the model, and safetensors-savable.
                 out[name] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-    return gather_pipeline_stages(out)
+    return gather_pipeline_stages(gather_expert_ranks(out))
+
+
+def gather_expert_ranks(rank_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every expert-parallel rank's part of an HF-named dict, merged on each of them (collective
+    over the expert-parallel group; dense entries are identical on those ranks)."""
+    return gather_over_group(rank_dict, expert_groups()[0])
 
 
 # ----------------------------------------------------------------------------- writing checkpoints

@@ -40,15 +40,18 @@ def model_provider(args: argparse.Namespace, arch: ModelArch, *, pre_process: bo
     config = arch.transformer_config(
         tp_size=tp, pp_size=args.pipeline_model_parallel_size, sequence_parallel=args.sequence_parallel,
         params_dtype=params_dtype(args), recompute=args.recompute_activations,
-        init_weights=args.hf_checkpoint is None,
+        init_weights=args.hf_checkpoint is None, ep_size=getattr(args, "expert_model_parallel_size", 1),
+        dispatcher=getattr(args, "moe_token_dispatcher_type", None),
     )
-    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=arch.num_experts or None, moe_grouped_gemm=False,
+                                    qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     if config.gated_linear_unit and config.activation_func is F.silu:
         # megatron's hook for a module-valued activation (named after TE, but any module works):
         # the module gets the whole [.., 2F] fc1 output and keeps 1 tensor for backward, not 4.
         config.use_te_activation_func = True
-        spec.submodules.mlp.submodules.activation_func = SwiGLU
+        mlp = spec.submodules.mlp.submodules
+        (mlp.experts.submodules if arch.is_moe else mlp).activation_func = SwiGLU
     if config.sequence_parallel:
         from slime.backends.megatron_utils.sp_norm import use_sequence_parallel_norms
 

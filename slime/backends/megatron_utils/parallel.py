@@ -18,6 +18,7 @@ def init_parallel(
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    expert_parallel: int = 1,
     seed: int = 1234,
     master_addr: str | None = None,
     master_port: int | None = None,
@@ -25,7 +26,9 @@ def init_parallel(
     """Join the process group (NCCL on GPUs, gloo on CPUs) and build TP/PP/DP groups.
 
     ``world_size = TP x PP x DP``; megatron orders ranks TP-fastest, so TP peers are
-    neighbours (the same node on a real cluster).
+    neighbours (the same node on a real cluster).  Experts (MoE) are split over
+    ``expert_parallel`` (EP) ranks taken within ``world_size / PP``, each expert whole (expert
+    TP = 1); the ranks holding the same experts form the expert-data-parallel group.
     """
     apply_cpu_compat()
     from megatron.core import parallel_state
@@ -44,7 +47,9 @@ def init_parallel(
             timeout=datetime.timedelta(minutes=30),
         )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+        parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel,
+                                                 expert_model_parallel_size=expert_parallel,
+                                                 expert_tensor_parallel_size=1)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
@@ -103,6 +108,17 @@ def tp_rank_size() -> tuple[int, int]:
     return rank, size
 
 
+def expert_groups() -> tuple[object | None, object | None, object | None]:
+    """(expert-parallel, expert-data-parallel, expert model-parallel = EP x PP) groups of this
+    process; ``None``s outside megatron's parallel state."""
+    if not _megatron_parallel_ready():
+        return None, None, None
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_expert_model_parallel_group(), parallel_state.get_expert_data_parallel_group(),
+            parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+
+
 def group_rank_size(group: object | None) -> tuple[int, int]:
     """(rank, size) in ``group``; ``(0, 1)`` for no group or no process group."""
     if group is None or not dist.is_initialized():
@@ -137,14 +153,18 @@ def gather_vocab(logits_local: torch.Tensor, vocab_size: int | None = None) -> t
     return logits_local if vocab_size is None else logits_local[..., :vocab_size]
 
 
+def gather_over_group(part: dict[str, torch.Tensor], group: object | None) -> dict[str, torch.Tensor]:
+    """Every member's part of a name -> tensor dict, merged, on every member of ``group`` (collective)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return part
+    parts: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, part, group=group)
+    merged: dict[str, torch.Tensor] = {}
+    for member in parts:
+        merged.update(member or {})
+    return merged
+
+
 def gather_pipeline_stages(stage_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every pipeline stage's part of a name -> tensor dict, merged, on every stage (collective)."""
-    group = pp_group()
-    if group is None or dist.get_world_size(group) == 1:
-        return stage_dict
-    stages: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(stages, stage_dict, group=group)
-    merged: dict[str, torch.Tensor] = {}
-    for stage in stages:
-        merged.update(stage or {})
-    return merged
+    return gather_over_group(stage_dict, pp_group())
