@@ -18,13 +18,32 @@ module, ``A: [r, in]`` and ``B: [out, r]``.  Fusing shares ``A`` across q/k/v
 peft on the unfused HF model trains more: it has a separate ``A`` for each of
 q, k, v, gate and up.
 
+Mixture of experts (Qwen3-MoE, ``model_type`` ``qwen3_moe``; only models with an
+MoE block in every layer: ``decoder_sparse_step`` 1, empty ``mlp_only_layers``,
+no shared experts).  Each layer has the attention above, a frozen router
+``[E, h]`` and ``E`` experts, each a gated MLP of width ``I`` =
+``moe_intermediate_size``: ``linear_fc1 [2I, h]`` and ``linear_fc2 [h, I]``.
+LoRA matches modules by name, so ``linear_fc1``/``linear_fc2`` put one adapter on
+every expert (its own ``A`` and ``B``) and none on the router; per layer::
+
+    experts' linear_fc1  E * r * (h + 2 I)
+    experts' linear_fc2  E * r * (I + h)
+
+and the base model has, per layer, ``E h`` (router) ``+ 3 E h I`` (experts)
+instead of the dense MLP's ``3 h f``.  Active parameters per token count
+``k`` = ``num_experts_per_tok`` experts instead of ``E``.
+
 The trainable percentage follows peft's ``print_trainable_parameters``:
 LoRA parameters over all parameters of the adapted model (base + LoRA).
 
 Usage::
 
     python tools/lora_param_count.py --model qwen3-0.6b qwen3-4b --lora-r 8 16 32
+    python tools/lora_param_count.py --model qwen3-30b-a3b --lora-r 16
     python tools/lora_param_count.py --hf-checkpoint DIR --lora-r 16 --json
+
+From Python, :func:`count_lora_params` gives a :class:`LoraCount` (base,
+attention, dense MLP and expert LoRA parameters, and their ``total``).
 """
 
 from __future__ import annotations
@@ -64,14 +83,25 @@ PRESETS: dict[str, dict] = {
                   "intermediate_size": 17408, "num_attention_heads": 40, "tie_word_embeddings": False},
     "qwen3-32b": {**_QWEN3_BASE, "num_hidden_layers": 64, "hidden_size": 5120,
                   "intermediate_size": 25600, "num_attention_heads": 64, "tie_word_embeddings": False},
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "num_hidden_layers": 48, "hidden_size": 2048,
+                      "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4,
+                      "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": False,
+                      "attention_bias": False, "moe_intermediate_size": 768, "num_experts": 128,
+                      "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                      "mlp_only_layers": []},
     "smollm2-135m": {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576,
                      "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
                      "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True,
                      "attention_bias": False, "mlp_bias": False},
 }
 
-# Dense decoder families whose layer layout the counts below describe.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Decoder families whose layer layout the counts below describe (qwen3_moe: every layer MoE).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen3_moe",)
+ATTENTION_TARGETS = ("linear_qkv", "linear_proj")
+MLP_TARGETS = ("linear_fc1", "linear_fc2")
+# Config keys that would add shared experts (Qwen2-MoE, DeepSeek style): not modelled here.
+SHARED_EXPERT_KEYS = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")
 
 
 @dataclass(frozen=True)
@@ -90,6 +120,60 @@ class Dims:
     qkv_bias: bool
     proj_bias: bool
     mlp_bias: bool
+    experts: int = 0  # E; 0: a dense MLP in every layer
+    expert_ffn: int = 0  # I = moe_intermediate_size
+    experts_per_token: int = 0  # k = num_experts_per_tok
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+
+@dataclass(frozen=True)
+class LoraCount:
+    """Parameter counts of one model and LoRA setting, over all layers.
+
+    ``base``: the base model; ``attention``: LoRA on ``linear_qkv``/``linear_proj``;
+    ``mlp``: LoRA on the dense ``linear_fc1``/``linear_fc2`` (0 for MoE);
+    ``experts``: LoRA on every expert's ``linear_fc1``/``linear_fc2`` (0 for dense).
+    """
+
+    base: int
+    attention: int
+    mlp: int
+    experts: int
+
+    @property
+    def total(self) -> int:
+        """All LoRA parameters: ``attention + mlp + experts``."""
+        return self.attention + self.mlp + self.experts
+
+
+def moe_fields(config: dict) -> dict:
+    """``experts``, ``expert_ffn``, ``experts_per_token`` of a Qwen3-MoE config (transformers'
+    defaults for absent keys); a layout other than "every layer MoE, no shared expert" is a UserError."""
+    fix = "pass --hf-checkpoint of a Qwen3-MoE model with an MoE block in every layer"
+    step = config.get("decoder_sparse_step", 1)
+    if step != 1:
+        raise UserError(f"config.json: decoder_sparse_step is {step}, so some layers are dense; "
+                        f"only decoder_sparse_step 1 is supported; {fix}")
+    if config.get("mlp_only_layers"):
+        raise UserError(f"config.json: mlp_only_layers is {config['mlp_only_layers']}, so those layers are "
+                        f"dense; only an empty mlp_only_layers is supported; {fix}")
+    shared = [key for key in SHARED_EXPERT_KEYS if (config.get(key) or 0) > 0]
+    if shared:
+        raise UserError(f"config.json: {shared[0]} is {config[shared[0]]}; shared experts are not "
+                        f"supported; {fix}")
+    # transformers 5 writes num_experts as num_local_experts (its attribute_map); the Hub's files have num_experts.
+    experts = config.get("num_experts", config.get("num_local_experts", 128))
+    fields = dict(experts=int(experts),
+                  expert_ffn=int(config.get("moe_intermediate_size", 768)),
+                  experts_per_token=int(config.get("num_experts_per_tok", 8)))
+    if fields["experts"] < 1 or not 1 <= fields["experts_per_token"] <= fields["experts"]:
+        raise UserError(f"config.json: num_experts {fields['experts']} and num_experts_per_tok "
+                        f"{fields['experts_per_token']} do not describe an MoE layer "
+                        "(need 1 <= num_experts_per_tok <= num_experts); " + fix)
+    return fields
 
 
 def dims_from_config(config: dict) -> Dims:
@@ -98,7 +182,7 @@ def dims_from_config(config: dict) -> Dims:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
             f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
-            "pass --model or --hf-checkpoint of a dense Llama/Mistral/Qwen2/Qwen3 model"
+            "pass --model or --hf-checkpoint of a Llama/Mistral/Qwen2/Qwen3 or Qwen3-MoE model"
         )
     try:
         hidden = int(config["hidden_size"])
@@ -112,13 +196,15 @@ def dims_from_config(config: dict) -> Dims:
         raise UserError(f"config.json lacks {exc.args[0]!r}; pass --hf-checkpoint of a complete HF checkpoint")
     default_head_dim = 128 if model_type == "qwen3" else hidden // heads
     attention_bias = bool(config.get("attention_bias", False))
+    if model_type in MOE_MODEL_TYPES:
+        dims.update(moe_fields(config))
     return Dims(
         hidden=hidden,
         heads=heads,
         kv_heads=int(config.get("num_key_value_heads") or heads),
         head_dim=int(config.get("head_dim") or default_head_dim),
         tied=bool(config.get("tie_word_embeddings", False)),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         # Qwen2 hard-codes a q/k/v bias and no o_proj bias; the others follow `attention_bias`.
         qkv_bias=model_type == "qwen2" or attention_bias,
         proj_bias=model_type != "qwen2" and attention_bias,
@@ -128,23 +214,36 @@ def dims_from_config(config: dict) -> Dims:
 
 
 def linear_shapes(d: Dims) -> dict[str, tuple[int, int]]:
-    """``(in_features, out_features)`` of each fused Megatron linear in one layer."""
+    """``(in_features, out_features)`` of each fused Megatron linear in one layer; for MoE,
+    ``linear_fc1``/``linear_fc2`` are one expert's (there are :func:`copies` of them)."""
     q_out, kv_out = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    ffn = d.expert_ffn if d.moe else d.ffn
     return {
         "linear_qkv": (d.hidden, q_out + 2 * kv_out),
         "linear_proj": (q_out, d.hidden),
-        "linear_fc1": (d.hidden, 2 * d.ffn),  # [gate; up]
-        "linear_fc2": (d.ffn, d.hidden),
+        "linear_fc1": (d.hidden, 2 * ffn),  # [gate; up]
+        "linear_fc2": (ffn, d.hidden),
     }
 
 
-def base_param_count(d: Dims) -> int:
-    """All parameters of the base model: embedding, layers, final norm, untied output layer."""
+def copies(d: Dims, name: str, active: bool = False) -> int:
+    """How many of module ``name`` one layer has: ``E`` experts' fc1/fc2 for MoE
+    (``k`` with ``active``: those one token runs through), else 1."""
+    if d.moe and name in MLP_TARGETS:
+        return d.experts_per_token if active else d.experts
+    return 1
+
+
+def base_param_count(d: Dims, active: bool = False) -> int:
+    """All parameters of the base model: embedding, layers (with the router ``E h`` for
+    MoE), final norm, untied output layer.  ``active``: only ``k`` experts per layer."""
     shapes = linear_shapes(d)
     biases = {"linear_qkv": d.qkv_bias, "linear_proj": d.proj_bias,
               "linear_fc1": d.mlp_bias, "linear_fc2": d.mlp_bias}
-    per_layer = sum(i * o + (o if biases[name] else 0) for name, (i, o) in shapes.items())
+    per_layer = sum(copies(d, name, active) * (i * o + (o if biases[name] else 0))
+                    for name, (i, o) in shapes.items())
     per_layer += 2 * d.hidden  # input and post-attention RMSNorm
+    per_layer += d.experts * d.hidden  # router [E, h] (0 when dense)
     if d.qk_norm:
         per_layer += 2 * d.head_dim
     embedding = d.vocab * d.hidden
@@ -153,9 +252,9 @@ def base_param_count(d: Dims) -> int:
 
 
 def lora_param_count(d: Dims, r: int, targets: Sequence[str]) -> int:
-    """LoRA parameters on the fused modules: ``layers * sum_t r * (in_t + out_t)``."""
+    """LoRA parameters on the fused modules: ``layers * sum_t copies_t * r * (in_t + out_t)``."""
     shapes = linear_shapes(d)
-    return d.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+    return d.layers * sum(copies(d, t) * r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
 def resolve_targets(names: Sequence[str]) -> list[str]:
@@ -172,13 +271,18 @@ def resolve_targets(names: Sequence[str]) -> list[str]:
     return [t for t in MEGATRON_TARGETS if t in chosen]
 
 
-def count_lora_params(config: dict, r: int, targets: list[str]) -> tuple[int, int]:
-    """``(total base parameters, LoRA parameters)`` for a HF config dict, rank ``r``
-    and target names (Megatron names, HF aliases or ``all-linear``)."""
+def count_lora_params(config: dict, r: int, targets: Sequence[str]) -> LoraCount:
+    """Base and LoRA parameter counts for a HF ``config.json`` dict, rank ``r`` and
+    target names (Megatron names, HF aliases or ``all-linear``)."""
     if r < 1:
         raise UserError(f"--lora-r must be positive integers, got {r}")
     d = dims_from_config(config)
-    return base_param_count(d), lora_param_count(d, r, resolve_targets(targets))
+    chosen = resolve_targets(targets)
+    attention = [t for t in chosen if t in ATTENTION_TARGETS]
+    mlp = [t for t in chosen if t in MLP_TARGETS]
+    mlp_count = lora_param_count(d, r, mlp)
+    return LoraCount(base=base_param_count(d), attention=lora_param_count(d, r, attention),
+                     mlp=0 if d.moe else mlp_count, experts=mlp_count if d.moe else 0)
 
 
 def load_hf_config(checkpoint: Path) -> dict:
@@ -196,24 +300,60 @@ def trainable_percent(total: int, lora: int) -> float:
 
 
 def build_report(name: str, config: dict, ranks: Sequence[int], targets: Sequence[str]) -> dict:
-    """Counts for every rank, as plain data (what ``--json`` prints)."""
+    """Counts for every rank, as plain data (what ``--json`` prints).  An MoE model's report
+    also has ``active_params``, ``experts``, ``experts_per_token`` and, per rank,
+    ``attention_lora_params`` and ``expert_lora_params``."""
+    d = dims_from_config(config)
     rows = []
-    total = 0
     for r in ranks:
-        total, lora = count_lora_params(config, r, list(targets))
-        rows.append({"r": r, "lora_params": lora, "trainable_percent": trainable_percent(total, lora)})
-    return {"model": name, "targets": resolve_targets(targets), "total_params": total, "lora": rows}
+        count = count_lora_params(config, r, targets)
+        rows.append({"r": r, "lora_params": count.total,
+                     "trainable_percent": trainable_percent(count.base, count.total)})
+        if d.moe:
+            rows[-1].update(attention_lora_params=count.attention, expert_lora_params=count.experts)
+    report = {"model": name, "targets": resolve_targets(targets), "total_params": base_param_count(d),
+              "lora": rows}
+    if d.moe:
+        report.update(active_params=base_param_count(d, active=True), experts=d.experts,
+                      experts_per_token=d.experts_per_token)
+    return report
 
 
 def format_table(reports: Sequence[dict]) -> str:
-    """A Markdown table, one row per model: ``Model | Total params | LoRA r=8 | r=16 ...``."""
+    """Markdown: dense models in one table, one row per model (``Model | Total params |
+    LoRA r=8 | r=16 ...``); MoE models in a second, one row per model and rank, with the
+    attention and expert LoRA parameters apart."""
+    dense = [report for report in reports if "experts" not in report]
+    moe = [report for report in reports if "experts" in report]
+    tables = ([format_dense_table(dense)] if dense else []) + ([format_moe_table(moe)] if moe else [])
+    lines = ["\n\n".join(tables), "", f"LoRA targets (fused Megatron modules): {', '.join(reports[0]['targets'])}"]
+    if moe:
+        lines.append("MoE: linear_fc1/linear_fc2 adapt every expert (one A and B each); the router is frozen")
+    return "\n".join(lines)
+
+
+def format_moe_table(reports: Sequence[dict]) -> str:
+    """``Model | Total params | Active params | r | Attention LoRA | Expert LoRA | LoRA total``."""
+    header = ["Model (MoE)", "Total params", "Active params", "r", "Attention LoRA", "Expert LoRA", "LoRA total"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for report in reports:
+        name = f"{report['model']} ({report['experts']} experts, top-{report['experts_per_token']})"
+        for row in report["lora"]:
+            cells = [name, f"{report['total_params']:,}", f"{report['active_params']:,}", str(row["r"]),
+                     f"{row['attention_lora_params']:,}", f"{row['expert_lora_params']:,}",
+                     f"{row['lora_params']:,} ({row['trainable_percent']:.2f}%)"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_dense_table(reports: Sequence[dict]) -> str:
+    """``Model | Total params | LoRA r=8 | r=16 ...``, one row per model."""
     ranks = [row["r"] for row in reports[0]["lora"]]
     header = ["Model", "Total params", *(("LoRA " if i == 0 else "") + f"r={r}" for i, r in enumerate(ranks))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for report in reports:
         cells = [f"{row['lora_params']:,} ({row['trainable_percent']:.2f}%)" for row in report["lora"]]
         lines.append("| " + " | ".join([report["model"], f"{report['total_params']:,}", *cells]) + " |")
-    lines += ["", f"LoRA targets (fused Megatron modules): {', '.join(reports[0]['targets'])}"]
     return "\n".join(lines)
 
 

@@ -18,10 +18,17 @@ share a prompt's prefill among its n samples:
 Adapters are injected with ``peft.inject_adapter_in_model`` under their own
 names; re-loading a name with the same config copies the new tensors into the
 existing parameters, so a per-step LoRA sync is a memcpy, not a re-injection.
+
+Mixture-of-experts models (Qwen3-MoE) hold their experts as fused 3-D tensors in
+transformers 5; peft adapts those with parameter-level LoRA.  An adapter file names
+its expert modules one by one (``mlp.experts.{e}.gate_proj``, what every library
+reads); peft's own transformers-conversion helpers turn the config and the tensors
+into the fused layout, exactly as ``PeftModel.from_pretrained`` does.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -32,6 +39,10 @@ import peft
 import torch
 from peft.functional import delete_adapter, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.utils.transformers_weight_conversion import (
+    convert_peft_adapter_state_dict_for_transformers,
+    convert_peft_config_for_transformers,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 from slime.rollout.engine import POLICY_ADAPTER, GenerateOutput, LoraNames, SamplingParams, WeightUpdate
@@ -203,13 +214,13 @@ class HFRolloutEngine:
         if self._merged == name:
             self._unmerge()  # the merged weights hold the old tensors
         if existing is not None and existing.signature == _config_signature(lora_config):
-            _copy_adapter_tensors(existing.params, tensors, name)
+            _copy_adapter_tensors(existing.params, self._model_layout(tensors, name), name)
             return
         if existing is not None:
             self.unload_lora_adapter(name)
         self._inject(name, lora_config)
         try:
-            _copy_adapter_tensors(self._adapters[name].params, tensors, name)
+            _copy_adapter_tensors(self._adapters[name].params, self._model_layout(tensors, name), name)
         except UserError:
             self.unload_lora_adapter(name)
             raise
@@ -228,11 +239,21 @@ class HFRolloutEngine:
     def list_adapters(self) -> list[str]:
         return sorted(self._adapters)
 
-    def _inject(self, name: str, lora_config: peft.LoraConfig) -> None:
+    def _model_layout(self, tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+        """An adapter file's tensors in the layout of this model's injected parameters (per-expert
+        tensors of an MoE model become peft's fused ones; others pass unchanged)."""
+        return convert_peft_adapter_state_dict_for_transformers(self.model, self._adapters[name].config, tensors, name)
+
+    def _inject(self, name: str, file_config: peft.LoraConfig) -> None:
         """Add LoRA parameters named ``name`` to every targeted module and index them by PEFT key."""
+        lora_config = copy.deepcopy(file_config)
+        convert_peft_config_for_transformers(lora_config, self.model, None)  # fused MoE experts
         with warnings.catch_warnings():
             # Several named adapters on one model is exactly what we want.
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            # peft's MoE conversion adds rank/alpha patterns for fused gate_up it does apply (checked
+            # in tests/rollout/test_hf_engine.py), and then warns they matched nothing
+            warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
             try:
                 inject_adapter_in_model(lora_config, self.model, adapter_name=name)
             except ValueError as exc:
@@ -246,7 +267,7 @@ class HFRolloutEngine:
                 prefix = f"{PEFT_KEY_PREFIX}{module_name}"
                 params[f"{prefix}.lora_A.weight"] = module.lora_A[name].weight
                 params[f"{prefix}.lora_B.weight"] = module.lora_B[name].weight
-        self._adapters[name] = _Adapter(signature=_config_signature(lora_config), params=params)
+        self._adapters[name] = _Adapter(signature=_config_signature(file_config), config=lora_config, params=params)
         self._active = _STALE
 
     def _activate(self, name: str | None) -> None:
@@ -347,7 +368,8 @@ _STALE = object()  # "no adapter state known": forces the next _activate to touc
 
 @dataclasses.dataclass
 class _Adapter:
-    signature: dict  # config fields that fix parameter shapes and the forward pass
+    signature: dict  # config fields (as in the file) that fix parameter shapes and the forward pass
+    config: peft.LoraConfig  # as injected: for MoE experts, peft's fused layout
     params: dict[str, torch.Tensor]  # PEFT key (no adapter name) -> live parameter
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,9 @@ class LoRALinear(nn.Module):
         self.name = name
         self.use_rslora = use_rslora
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.sequence_parallel = bool(getattr(base_layer, "sequence_parallel", False))
+        # megatron leaves the flag on an MoE expert's linears, whose TP group (expert TP) is 1 rank
+        self.sequence_parallel = bool(getattr(base_layer, "sequence_parallel", False)) and group_rank_size(
+            getattr(base_layer, "tp_group", None))[1] > 1
         self.adapters = nn.ModuleDict()
         self.active = adapter
         self.merged = False
@@ -224,6 +226,8 @@ class LoRALinear(nn.Module):
         split.partition_stride = 1
         replicated.tensor_model_parallel = False
         replicated.sequence_parallel = self.sequence_parallel
+        if not getattr(self.base_layer.weight, "allreduce", True):  # an MoE expert's (optimizer.py)
+            weights.lora_A.allreduce = weights.lora_B.allreduce = False
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The active adapter's trainable parameters: ``[lora_A, lora_B]``."""
@@ -390,10 +394,14 @@ def apply_lora_to_model(
     use_rslora: bool = False,
     init_seed: int = 0,
     adapter: str = DEFAULT_ADAPTER,
+    whole_name: Callable[[str], str] | None = None,
 ) -> list[str]:
     """Wrap every targeted linear of ``model`` in a :class:`LoRALinear` holding adapter ``adapter``, in place.
 
-    Returns the dotted names of the wrapped modules.  All problems (bad hyper-parameters, a
+    ``whole_name`` maps a module's name in ``model`` to its name in the whole model (a pipeline
+    stage or expert-parallel rank numbers its layers and experts from 0); ``A``'s seed comes from
+    that name, so every layout starts from the same adapter.  Returns the dotted names of the
+    wrapped modules.  All problems (bad hyper-parameters, a
     target matching nothing, an unsupported layer type, ``r`` above a layer's smaller
     dimension) are collected and raised together as one ``ValueError`` naming flag and target.
     """
@@ -415,8 +423,8 @@ def apply_lora_to_model(
     for name, module in found.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = LoRALinear(module, r, lora_alpha, lora_dropout, use_rslora=use_rslora, init_seed=init_seed, name=name,
-                             adapter=adapter)
+        wrapped = LoRALinear(module, r, lora_alpha, lora_dropout, use_rslora=use_rslora, init_seed=init_seed,
+                             name=whole_name(name) if whole_name else name, adapter=adapter)
         setattr(parent, attr, wrapped)
     return list(found)
 

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from slime.backends.megatron_utils.parallel import is_rank0, pp_group, tp_rank_size, unwrap_model
+from slime.backends.megatron_utils.hf_convert import whole_model_name
+from slime.backends.megatron_utils.optimizer import is_expert_param
+from slime.backends.megatron_utils.parallel import expert_groups, is_rank0, pp_group, tp_rank_size, unwrap_model
 from slime.utils.errors import UserError
 from slime.utils.lora_config import LoraConfig
 from slime_plugins.lora.input_recompute import install_input_recompute
@@ -31,22 +33,27 @@ def _log(message: str = "") -> None:
 
 
 def _global_param_counts(chunks: Sequence[nn.Module]) -> tuple[int, int]:
-    """(total, trainable) over the whole model: TP shards and PP stages summed, replicas once."""
-    total = trainable = 0
+    """(total, trainable) over the whole model: TP shards, PP stages and expert-parallel ranks'
+    experts summed, replicas once."""
+    dense, experts = [0, 0], [0, 0]
     tp_size = tp_rank_size()[1]
     for chunk in chunks:
         for p in chunk.parameters():
-            copies = tp_size if getattr(p, "tensor_model_parallel", False) else 1
-            total += p.numel() * copies
-            trainable += p.numel() * copies if p.requires_grad else 0
-    group = pp_group()
-    if group is not None and dist.get_world_size(group) > 1:
-        # NCCL (GPU runs) reduces CUDA tensors only; gloo reduces CPU ones.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-        counts = torch.tensor([total, trainable], dtype=torch.float64, device=device)
-        dist.all_reduce(counts, group=group)
-        total, trainable = (int(c) for c in counts.tolist())
-    return total, trainable
+            counts = experts if is_expert_param(p) else dense
+            n = p.numel() * (tp_size if getattr(p, "tensor_model_parallel", False) else 1)
+            counts[0] += n
+            counts[1] += n if p.requires_grad else 0
+    return tuple(a + b for a, b in zip(_sum_over(dense, pp_group()), _sum_over(experts, expert_groups()[2])))
+
+
+def _sum_over(counts: list[int], group) -> list[int]:
+    if group is None or dist.get_world_size(group) == 1:
+        return counts
+    # NCCL (GPU runs) reduces CUDA tensors only; gloo reduces CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    summed = torch.tensor(counts, dtype=torch.float64, device=device)
+    dist.all_reduce(summed, group=group)
+    return [int(c) for c in summed.tolist()]
 
 
 def _log_applied(chunk_index: int, names: list[str], verbose: bool) -> None:
@@ -89,7 +96,8 @@ def apply_lora_to_megatron_model(model: nn.Module | list[nn.Module], config: Lor
         inner = unwrap_model(chunk)
         try:
             names = apply_lora_to_model(inner, config.targets, config.r, config.alpha, config.dropout,
-                                        use_rslora=config.use_rslora, init_seed=config.init_seed, adapter=first)
+                                        use_rslora=config.use_rslora, init_seed=config.init_seed, adapter=first,
+                                        whole_name=whole_model_name(inner))
             for name in others:
                 add_adapter(inner, name, adapters[name].r, adapters[name].alpha, adapters[name].init_seed)
         except ValueError as exc:

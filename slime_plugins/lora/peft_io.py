@@ -22,6 +22,11 @@ Fused Megatron modules against separate HF modules:
   Per-module scalings from ``alpha_pattern``/``rank_pattern`` are exact: each HF module's
   ``s_p B_p`` is folded into ``B`` as ``(s_p / s) B_p``.
 
+Mixture-of-experts layers: each expert ``e`` has its own adapters on its fc1/fc2, written under
+the per-expert HF names (``mlp.experts.{e}.gate_proj/up_proj/down_proj``, global expert
+indices); under expert parallelism each rank exports its experts and the parts are all-gathered,
+and on import each rank takes its own experts' tensors.
+
 Under tensor parallelism every rank calls export/import: shards are gathered or cut exactly like
 the base weight (``B`` of a column-parallel module by rows, fc1's per-rank ``[gate_i; up_i]``
 included; ``A`` of a row-parallel module by columns) with the helpers of
@@ -41,11 +46,14 @@ from torch import nn
 
 from slime.backends.megatron_utils.arch import ModelArch
 from slime.backends.megatron_utils.hf_convert import (
+    gather_expert_ranks,
     gather_tp,
     global_layer_indices,
+    global_module,
     hf_from_megatron,
     hf_names,
     hf_param_shapes,
+    local_experts,
     megatron_from_hf,
     megatron_param_kind,
     split_megatron_name,
@@ -53,7 +61,7 @@ from slime.backends.megatron_utils.hf_convert import (
 )
 from slime.backends.megatron_utils.parallel import barrier, gather_pipeline_stages, is_rank0, tp_rank_size, unwrap_model
 from slime.utils.errors import UserError
-from slime.utils.hf_names import HF_LAYER_PREFIX, MEGATRON_TO_HF_LAYER
+from slime.utils.hf_names import HF_LAYER_PREFIX, MEGATRON_TO_HF_LAYER, hf_expert_index, split_expert
 from slime.utils.lora_config import LoraConfig, target_matches
 from slime.utils.peft_format import (
     CONFIG_NAME,
@@ -93,10 +101,11 @@ def _targets(chunks: Iterable[nn.Module]) -> list[_Target]:
     found = []
     for chunk in chunks:
         model = unwrap_model(chunk)
-        layers = global_layer_indices(model)
+        layers, offset = global_layer_indices(model), (local_experts(model) or [0])[0]
         for name, _ in lora_modules(model):
             layer, module, _ = split_megatron_name(f"{name}.weight")
-            if layer is None or module not in MEGATRON_TO_HF_LAYER:
+            module = global_module(module, offset)
+            if layer is None or (module not in MEGATRON_TO_HF_LAYER and split_expert(module) is None):
                 raise UserError(f"--lora-target-modules: LoRA on '{name}' has no PEFT equivalent; "
                                 "target only decoder-layer linears (linear_qkv, linear_proj, linear_fc1, linear_fc2)")
             parent_name, _, attr = name.rpartition(".")
@@ -121,29 +130,27 @@ def export_peft_adapter(chunks: Sequence[nn.Module], arch: ModelArch) -> dict[st
         for hf, b_part in zip(target.hf_modules, hf_from_megatron(target.module, b, arch)):
             out[peft_key(hf, "A")] = a.cpu().clone()
             out[peft_key(hf, "B")] = b_part.cpu().clone(memory_format=torch.contiguous_format)
-    return gather_pipeline_stages(out)
+    return gather_pipeline_stages(gather_expert_ranks(out))
 
 
-def _covered_by_flags(config: LoraConfig, arch: ModelArch) -> set[str]:
-    """HF modules that ``--lora-target-modules`` wraps: the model's linears (by Megatron name, from
-    ``arch``, no weights built) that the plugin's matcher selects, mapped to their HF parts."""
+def _hf_linears(arch: ModelArch, targets: Sequence[str] | None = None) -> set[str]:
+    """HF modules of the model's linears (by Megatron name, from ``arch``, no weights built), all
+    of them or those the plugin's matcher selects for ``targets``, mapped to their HF parts."""
     covered = set()
     for name in arch.linear_shapes():
-        if any(target_matches(target, name) for target in config.targets):
+        if targets is None or any(target_matches(target, name) for target in targets):
             layer, module, _ = split_megatron_name(f"{name}.weight")
             covered.update(n.removesuffix(".weight") for n in hf_names(layer, module, "weight"))
     return covered
 
 
 def _target_modules(covered: set[str], arch: ModelArch) -> list[str]:
-    """Short names (``q_proj``) when every layer's module of that name is covered, else the
-    exact dotted names: peft matches list entries by exact name or ``.``-suffix, so either
-    covers exactly ``covered``."""
+    """Short names (``q_proj``) when every module of that name is covered, else the exact dotted
+    names: peft matches list entries by exact name or ``.``-suffix, so either covers exactly
+    ``covered``."""
     leaves = {name.rsplit(".", 1)[-1] for name in covered}
-    every_layer = {hf for layer in range(arch.num_layers) for module in MEGATRON_TO_HF_LAYER
-                   for hf in (n.removesuffix(".weight") for n in hf_names(layer, module, "weight"))
-                   if hf.rsplit(".", 1)[-1] in leaves}
-    return sorted(leaves) if every_layer == covered else sorted(covered)
+    every = {hf for hf in _hf_linears(arch) if hf.rsplit(".", 1)[-1] in leaves}
+    return sorted(leaves) if every == covered else sorted(covered)
 
 
 def peft_adapter_config(config: LoraConfig, arch: ModelArch, base_model_name_or_path: str | None = None, *,
@@ -154,7 +161,7 @@ def peft_adapter_config(config: LoraConfig, arch: ModelArch, base_model_name_or_
     docstring) get ``rank_pattern`` and an ``alpha_pattern`` keeping the scaling of the flags.
     """
     if tensors is None:
-        ranks = {m: config.r for m in _covered_by_flags(config, arch)}
+        ranks = {m: config.r for m in _hf_linears(arch, config.targets)}
     else:
         ranks = {key[0]: t.shape[0] for k, t in tensors.items() if (key := parse_peft_key(k)) and key[1] == "A"}
     odd = {m: r for m, r in sorted(ranks.items()) if r != config.r}
@@ -258,14 +265,18 @@ def shape_errors(adapter: PeftAdapter, arch: ModelArch) -> list[str]:
 
 
 def _unknown_module_errors(adapter: PeftAdapter, targets: list[_Target], arch: ModelArch,
-                           local_layers: set[int]) -> list[str]:
-    """Adapter modules the model lacks; modules of layers on other pipeline stages are theirs."""
+                           local_layers: set[int], experts: set[int]) -> list[str]:
+    """Adapter modules the model lacks; modules of layers on other pipeline stages, and of experts
+    on other expert-parallel ranks, are theirs."""
     wrapped = {hf for t in targets for hf in t.hf_modules}
+    known_modules = _hf_linears(arch)
     errors = []
     for module in adapter.modules:
         layer_match = _LAYER_MODULE.match(module)
-        known = layer_match is not None and int(layer_match[1]) < arch.num_layers and any(
-            layer_match[2] in parts for parts in MEGATRON_TO_HF_LAYER.values())
+        known = module in known_modules
+        expert = hf_expert_index(layer_match[2]) if layer_match else None
+        if known and expert is not None and expert not in experts:
+            continue
         if not known:
             errors.append(f"{adapter.path / WEIGHTS_NAME}: module {module} does not exist in the model (LoRA goes on "
                           f"{HF_LAYER_PREFIX}.0..{arch.num_layers - 1} attention/MLP projections)")
@@ -296,10 +307,11 @@ def load_peft_adapter(chunks: Sequence[nn.Module], arch: ModelArch, path: str | 
     adapter = read_peft_adapter(path)
     targets = _targets(chunks)
     local_layers = {layer for chunk in chunks for layer in global_layer_indices(unwrap_model(chunk)).values()}
+    experts = {e for chunk in chunks for e in local_experts(unwrap_model(chunk))}
     errors = shape_errors(adapter, arch)
     if not errors:
         check_flags(adapter, config)
-        errors = _unknown_module_errors(adapter, targets, arch, local_layers)
+        errors = _unknown_module_errors(adapter, targets, arch, local_layers, experts)
     if errors:
         raise UserError(errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)")
     plans = [_plan(t, adapter, arch) for t in targets]

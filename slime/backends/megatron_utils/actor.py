@@ -28,9 +28,10 @@ from slime.backends.megatron_utils.packing import (
     group_rows,
     logits_only_at,
     plan_micro_batches,
+    row_width,
     rope_at_positions,
 )
-from slime.backends.megatron_utils.parallel import gather_vocab
+from slime.backends.megatron_utils.parallel import expert_groups, gather_vocab
 from slime.rollout.batch import RolloutBatch
 from slime.utils.errors import UserError
 from slime.utils.failpoints import failpoint
@@ -98,7 +99,23 @@ class MegatronTrainRayActor:
         # Sequence parallelism splits every row into TP equal slices of the sequence.
         tp = self.args.tensor_model_parallel_size
         multiple = tp if self.args.sequence_parallel and tp > 1 else 1
-        return [collate(rows, batch, width_multiple=multiple) for rows in plan]
+        count, num_rows, width = self._expert_parallel_shape(plan, batch, multiple)
+        plan = plan + [[]] * (count - len(plan))
+        return [collate(rows, batch, width_multiple=multiple, width=width, num_rows=num_rows) for rows in plan]
+
+    def _expert_parallel_shape(self, plan: list[list[list[int]]], batch: RolloutBatch,
+                               multiple: int) -> tuple[int, int, int]:
+        """(micro-batches, rows, width) every rank of the expert-parallel group must run: each MoE
+        layer all-gathers the group's tokens, so all run the same number of forwards and backwards
+        of one shape (the largest; padding rows, and padding-only micro-batches, carry no tokens).
+        ``(len(plan), 0, 0)``, no padding, without expert parallelism."""
+        group = expert_groups()[0]
+        if group is None or dist.get_world_size(group) == 1:
+            return len(plan), 0, 0
+        widths = [-(-max(row_width(g, batch) for g in rows) // multiple) * multiple for rows in plan]
+        local = torch.tensor([len(plan), max(map(len, plan), default=0), max(widths, default=0)])
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+        return tuple(int(v) for v in local)
 
     def _my_samples(self, samples: range, batch: RolloutBatch) -> list[int]:
         """This DP rank's share: whole groups (``batch.group_ids``), round robin."""
@@ -196,7 +213,7 @@ class MegatronTrainRayActor:
             totals[Totals.GAP] += float((logp.detach() - mb.rollout_logp).abs().sum())
             totals[Totals.GAP_TOKENS] += mb.num_tokens
         else:
-            mb_old_logp = torch.cat([old_logp[i] for i in mb.index])
+            mb_old_logp = torch.cat([old_logp[i] for i in mb.index] or [logp.detach()])
         pg, clipped = policy_loss(logp, mb_old_logp, mb.advantages, args.eps_clip, args.eps_clip_high)
         loss = pg
         if ref_logp is not None:

@@ -266,6 +266,7 @@ def _check_tasks(saved: Any, args: argparse.Namespace, path: Path) -> None:
 def _parallel_layout(args: argparse.Namespace, world_size: int | None = None) -> dict:
     return {"tensor_model_parallel_size": args.tensor_model_parallel_size,
             "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+            "expert_model_parallel_size": args.expert_model_parallel_size,
             "world_size": global_world_size() if world_size is None else world_size}
 
 
@@ -329,11 +330,12 @@ def _check_compatible(meta: Any, arch: ModelArch, args: argparse.Namespace, path
             raise UserError(f"{path}: checkpoint was saved with {flag} {saved_lora.get(key)!r}, this run has "
                             f"{flag} {lora[key]!r}; resume with {flag} {saved_lora.get(key)!r}")
     layout, saved = _parallel_layout(args, world_size), meta["parallel"]
-    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if saved.get(key) != layout[key]:
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        was = saved.get(key, 1)  # checkpoints of dense-only versions have no expert entry
+        if was != layout[key]:
             flag = "--" + key.replace("_", "-")
-            raise UserError(f"{path}: checkpoint was saved with {flag} {saved.get(key)!r}, this run has "
-                            f"{layout[key]}; resume with {flag} {saved.get(key)!r} (resharding optimizer "
+            raise UserError(f"{path}: checkpoint was saved with {flag} {was!r}, this run has "
+                            f"{layout[key]}; resume with {flag} {was!r} (resharding optimizer "
                             f"state across parallel sizes is not supported)")
     if saved.get("world_size") != layout["world_size"]:
         raise UserError(f"{path}: checkpoint was saved by {saved.get('world_size')!r} training processes, this "

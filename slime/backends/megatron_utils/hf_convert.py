@@ -74,6 +74,8 @@ _LEAF_KIND: dict[str, str] = {
 }
 _PARAM_NAMES = ("weight", "bias", "lora_A", "lora_B")
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)\.([^.]+)$")
+_CHUNK_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_CHUNK_EXPERT = re.compile(re.escape(EXPERT_PREFIX) + r"(\d+)\.")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 
@@ -363,19 +365,37 @@ def global_layer_indices(model: nn.Module) -> dict[int, int]:
     return {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
 
 
-def local_expert_offset(model: nn.Module) -> int:
-    """The global index of this rank's expert 0 (megatron's ``local_expert_indices``); 0 for dense models."""
+def local_experts(model: nn.Module) -> list[int]:
+    """Global indices of this rank's experts (megatron's ``local_expert_indices``); ``[]`` for dense models."""
     for layer in getattr(getattr(model, "decoder", None), "layers", []):
         indices = getattr(layer.mlp, "local_expert_indices", None)
         if indices:
-            return int(indices[0])
-    return 0
+            return [int(i) for i in indices]
+    return []
+
+
+def local_expert_offset(model: nn.Module) -> int:
+    """The global index of this rank's expert 0; 0 for dense models."""
+    return (local_experts(model) or [0])[0]
 
 
 def global_module(module: str, expert_offset: int) -> str:
     """A chunk's module name with its expert index made global (other names unchanged)."""
     expert = split_expert(module)
     return module if expert is None else expert_module(expert[0] + expert_offset, expert[1])
+
+
+def whole_model_name(model: nn.Module):
+    """A function: dotted name in this chunk -> the name in the whole, unsplit model (global layer
+    and expert indices), e.g. ``decoder.layers.0.mlp.experts.local_experts.1.linear_fc1`` on the
+    second of two stages and expert ranks -> ``decoder.layers.2.mlp.experts.local_experts.3.linear_fc1``."""
+    layers, offset = global_layer_indices(model), local_expert_offset(model)
+
+    def name(local: str) -> str:
+        local = _CHUNK_LAYER.sub(lambda m: f"decoder.layers.{layers.get(int(m[1]), int(m[1]))}.", local, count=1)
+        return _CHUNK_EXPERT.sub(lambda m: f"{EXPERT_PREFIX}{int(m[1]) + offset}.", local, count=1)
+
+    return name
 
 
 def _hf_names_of_key(key: str, layers: dict[int, int], expert_offset: int, arch: ModelArch) -> tuple[str, tuple[str, ...]]:

@@ -81,6 +81,9 @@ def _tag_parallel_weights(model: nn.Module, tp: int) -> None:
       so its gradient is a partial sum over TP (megatron's ``finalize_model_grads`` sums them by
       name).  Tagged ``sequence_parallel``, the optimizer's tag for exactly that: without it each
       rank would step its replica with its own partial gradient and the replicas would drift apart.
+    * MoE experts: ``allreduce = False`` on every expert parameter, whatever the EP size (megatron
+      sets it only when EP > 1, but at TP > 1 with whole experts the TP ranks' expert gradients
+      are partial too); experts are never TP-split here (expert TP = 1).
     """
     from megatron.core.tensor_parallel.layers import (
         ColumnParallelLinear,
@@ -90,6 +93,10 @@ def _tag_parallel_weights(model: nn.Module, tp: int) -> None:
     )
 
     for name, module in model.named_modules():
+        if getattr(module, "is_expert", False):
+            for param in module.parameters(recurse=False):
+                param.allreduce = False  # see optimizer.py: reduced over the expert-data-parallel group
+            continue
         if tp > 1 and name.rsplit(".", 1)[-1] in ("q_layernorm", "k_layernorm"):
             for param in module.parameters():
                 param.sequence_parallel = True

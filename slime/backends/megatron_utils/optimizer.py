@@ -9,6 +9,14 @@ and do the three parallel steps megatron's optimizer does around it:
 2. the global gradient norm counts TP-split tensors on every rank and replicated ones once,
    summed over the model-parallel (TP x PP) group;
 3. gradients are clipped to ``--clip-grad`` with that norm.
+
+Expert parameters of MoE layers (tagged ``allreduce = False``, megatron's tag) differ: expert
+``e`` lives on one rank of each expert-parallel group and has seen the tokens of that group's
+ranks only, so its gradient is *summed* over the expert-data-parallel group (the ranks holding
+the same experts) and divided by the data-parallel size ``D``, as megatron's DDP does:
+``g_e = (1 / D) sum_{expert-DP} g_e^rank``, which equals the DP average of a dense parameter.
+In the norm, experts are whole on a rank (expert TP = 1) and distinct across the
+expert-model-parallel (EP x PP) group: each rank counts its own, summed over that group.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from slime.backends.megatron_utils.parallel import expert_groups
 
 
 @dataclass
@@ -54,6 +64,27 @@ def _groups():
     )
 
 
+def is_expert_param(param: nn.Parameter) -> bool:
+    return not getattr(param, "allreduce", True)
+
+
+def _flat_all_reduce(params: list[nn.Parameter], group, divisor: int) -> None:
+    """``p.grad = sum_group(p.grad) / divisor`` for every ``p``, in one flat all-reduce."""
+    size = dist.get_world_size(group) if group is not None else 1
+    if not params or size == 1 and divisor == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if size > 1:
+        dist.all_reduce(flat, group=group)
+    flat /= divisor
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p)
+        offset += n
+
+
 def _fused_adamw_applies(params: list[nn.Parameter]) -> bool:
     """torch's fused AdamW (one kernel per tensor instead of about ten elementwise passes; 3x
     faster on a 135M-parameter model on the CPU) takes floating tensors on one CPU or CUDA device."""
@@ -82,18 +113,12 @@ class TrainOptimizer:
             p.grad = None
 
     def _allreduce_grads(self) -> None:
-        dp_group, _, _ = _groups()
-        if not dist.is_initialized() or dist.get_world_size(dp_group) == 1:
+        if not dist.is_initialized():
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=dp_group)
-        flat /= dist.get_world_size(dp_group)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p)
-            offset += n
+        dp_group, _, _ = _groups()
+        dp = dist.get_world_size(dp_group)
+        _flat_all_reduce([p for p in self.params if not is_expert_param(p)], dp_group, dp)
+        _flat_all_reduce([p for p in self.params if is_expert_param(p)], expert_groups()[1], dp)
 
     def _allreduce_sequence_parallel_grads(self) -> None:
         """Replicated parameters fed by a sequence slice hold partial gradients: sum over TP."""
@@ -110,15 +135,22 @@ class TrainOptimizer:
         _, mp_group, tp_rank = _groups()
         # On the parameters' device: a CUDA grad norm cannot accumulate into a CPU tensor, and
         # NCCL reduces CUDA tensors only.
-        sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+        dense, experts = (torch.zeros((), dtype=torch.float64, device=self.params[0].device) for _ in range(2))
         for p in self.params:
-            if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-                # fp32 norm per tensor (an fp64 norm would first copy the whole gradient to fp64),
-                # summed in fp64 over tensors
-                sq += torch.linalg.vector_norm(p.grad.detach()).double().pow(2)
-        if dist.is_initialized() and dist.get_world_size(mp_group) > 1:
-            dist.all_reduce(sq, group=mp_group)
-        return float(sq.sqrt())
+            if p.grad is None:
+                continue
+            # fp32 norm per tensor (an fp64 norm would first copy the whole gradient to fp64),
+            # summed in fp64 over tensors
+            sq = torch.linalg.vector_norm(p.grad.detach()).double().pow(2)
+            if is_expert_param(p):
+                experts += sq
+            elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                dense += sq
+        if dist.is_initialized():
+            for sq, group in ((dense, mp_group), (experts, expert_groups()[2])):
+                if group is not None and dist.get_world_size(group) > 1:
+                    dist.all_reduce(sq, group=group)
+        return float((dense + experts).sqrt())
 
     def step(self) -> tuple[float, float]:
         """Apply one update; returns (grad_norm before clipping, learning rate used)."""

@@ -95,16 +95,20 @@ def default_device() -> torch.device:
 
 
 def collate(rows: list[list[int]], batch: RolloutBatch, device: torch.device | str | None = None,
-            width_multiple: int = 1) -> PackedBatch:
+            width_multiple: int = 1, *, width: int = 0, num_rows: int = 0) -> PackedBatch:
     """Build the packed tensors for rows of sample groups (see the module docstring).
 
     The tensors are built on the CPU and moved once to ``device`` (default: :func:`default_device`,
     where megatron puts the model), so the batch can be fed to the model and mixed with its outputs.
     ``S`` is rounded up to a multiple of ``width_multiple`` (sequence parallelism splits the
-    sequence into TP equal slices); the extra positions are padding like any other.
+    sequence into TP equal slices); the extra positions are padding like any other.  ``width``
+    and ``num_rows`` pad the batch to at least ``[num_rows, width]`` with padding rows (expert
+    parallelism needs one shape on every rank of the group); with no ``rows`` at all the batch
+    is padding only and has no response tokens (``T = 0``).
     """
-    width = -(-max(row_width(g, batch) for g in rows) // width_multiple) * width_multiple
-    b = len(rows)
+    needed = max((row_width(g, batch) for g in rows), default=1)
+    width = max(width, -(-needed // width_multiple) * width_multiple)
+    b = max(len(rows), num_rows)
     tokens = torch.zeros(b, width, dtype=torch.long)
     positions = torch.zeros(b, width, dtype=torch.long)
     allowed = torch.zeros(b, width, width, dtype=torch.bool)
