@@ -79,3 +79,29 @@ def test_errors_are_one_line_user_errors(tmp_path):
                              str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "adapter_config.json" in result.stderr
+
+
+@pytest.mark.numerics
+def test_moe_adapter_from_the_trainer_merges_per_expert(tmp_path, single_process):
+    """An adapter our trainer writes for a Qwen3-MoE (per-expert modules) merges into the per-expert
+    weights of the checkpoint, and the merged model computes what peft computes with the adapter."""
+    from peft import PeftModel
+
+    from slime.backends.megatron_utils.model import initialize_model_and_optimizer
+    from slime.utils.arguments import parse_args
+    from slime_plugins.lora.peft_io import save_peft_adapter
+    from tests._support.adapters import randomize_lora_b_
+
+    base = make_tiny_checkpoint(tmp_path, family="qwen3_moe")
+    args = parse_args(["--hf-checkpoint", str(base), "--use-lora", "--lora-r", "4", "--lora-alpha", "8",
+                       "--lora-target-modules", "all-linear"])
+    built = initialize_model_and_optimizer(args)
+    randomize_lora_b_(built.model, std=0.1)
+    save_peft_adapter(built.model, built.arch, args.lora, tmp_path / "adapter")
+    out = merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    base_logits = _logits(hf_base)
+    expected = _logits(PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval())
+    assert (expected - base_logits).abs().max() > 1e-2
+    assert_close(_logits(merged), expected, atol=1e-4, rtol=0, what="MoE: merged vs peft")
