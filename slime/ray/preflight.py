@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slime.rollout.data import check_prompt_files
-from slime.rollout.engines import ENGINES, vllm_max_loras_error
+from slime.rollout.engines import ENGINES, vllm_max_loras_error, vllm_moe_lora_error
 from slime.rollout.rm import label_problem, load_reward_fn
 from slime.rollout.vllm_server import find_vllm_python, vllm_python_error
 from slime.utils.errors import UserError, raise_collected
@@ -134,10 +134,26 @@ def _lora_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:
     shapes = {name: shape for name, shape in arch.linear_shapes().items()
               if any(target_matches(target, name) for target in targets)}
     errors = rank_errors(args.lora.r, shapes)
+    if args.rollout_engine == "vllm" and arch.is_moe:
+        errors += _vllm_moe_errors(set(shapes), arch, on_gpu=torch.cuda.is_available())
     for task in args.tasks:  # each task's own r (the targets are the run's)
         if task.lora.r != args.lora.r:
             errors += [f"{FLAG} {args.lora_tasks}, task '{task.name}': {e}" for e in rank_errors(task.lora.r, shapes)]
     return errors
+
+
+def _vllm_moe_errors(targeted: set[str], arch: ModelArch, *, on_gpu: bool) -> list[str]:
+    """vLLM serves LoRA on an MoE model only on GPUs, and only with gate, up and down of every expert
+    of an adapted layer (anything less fails inside vLLM with a bare assertion)."""
+    if problem := vllm_moe_lora_error(arch.is_moe, on_gpu):
+        return [problem]
+    experts = {name for name in arch.linear_shapes() if ".local_experts." in name}
+    layers = {name.split(".mlp.")[0] for name in targeted & experts}
+    partial = sorted(layer for layer in layers if {n for n in experts if n.startswith(layer + ".")} - targeted)
+    if partial:
+        return [f"--lora-target-modules: vLLM needs LoRA on gate, up and down of every expert of an adapted layer "
+                f"({partial[0]} has only some); target both linear_fc1 and linear_fc2, or neither"]
+    return []
 
 
 def _weights_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str]:

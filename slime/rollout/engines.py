@@ -68,6 +68,17 @@ def vllm_max_loras_error(args: argparse.Namespace) -> str | None:
             f"holds two versions of each adapter while syncing; pass --vllm-max-loras {need} (or more)")
 
 
+def vllm_moe_lora_error(is_moe: bool, on_gpu: bool) -> str | None:
+    """Why ``--rollout-engine vllm`` cannot serve LoRA adapters of this model here, or ``None``.
+
+    vLLM's LoRA on mixture-of-experts layers runs only as Triton fused-MoE kernels: on CPUs every
+    forward pass of an MoE model with LoRA enabled fails."""
+    if not is_moe or on_gpu:
+        return None
+    return ("--rollout-engine vllm: vLLM on CPUs cannot run LoRA on mixture-of-experts models (its fused-MoE LoRA "
+            "kernels need a GPU); use --rollout-engine hf")
+
+
 def vllm_options(args: argparse.Namespace) -> Any:
     """The vLLM engine's options from the ``--vllm-*`` flags (the adapter rank: the largest of ``args.lora``
     and every ``--lora-tasks`` task, :func:`slime.utils.tasks.max_rank`)."""

@@ -316,3 +316,44 @@ def test_train_py_fails_in_seconds_with_one_line_and_no_ray(ckpt, tmp_path):
     # About 5 s of imports and checks; wall time also counts whatever else this machine runs (a CI
     # job on 2 cores made it 17 s), so the bound on it is loose and the one on CPU time tight.
     assert cpu_seconds < 20 and seconds < 60, (cpu_seconds, seconds)
+
+
+@pytest.fixture(scope="module")
+def moe_ckpt(tmp_path_factory) -> Path:
+    return make_tiny_rl_checkpoint(tmp_path_factory.mktemp("moe"), family="qwen3_moe")
+
+
+def test_expert_layouts_the_model_cannot_take_are_named_together(moe_ckpt, prompts):
+    message = _error(moe_ckpt, prompts, "--expert-model-parallel-size", 3, "--actor-num-gpus-per-node", 3)
+    assert "--expert-model-parallel-size 3 does not divide the model's 4 experts" in message
+    message = _error(moe_ckpt, prompts, "--expert-tensor-parallel-size", 2, "--tensor-model-parallel-size", 2)
+    assert "pass --expert-tensor-parallel-size 1" in message and "needs --sequence-parallel" in message
+
+
+def test_a_dense_model_refuses_expert_parallelism(ckpt, prompts):
+    assert "the model has no experts" in _error(ckpt, prompts, "--expert-model-parallel-size", 2,
+                                                "--actor-num-gpus-per-node", 2)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU-only refusal")
+def test_vllm_lora_on_an_moe_model_is_refused_on_cpus(moe_ckpt, prompts):
+    message = _error(moe_ckpt, prompts, "--use-lora", "--rollout-engine", "vllm")
+    assert "vLLM on CPUs cannot run LoRA on mixture-of-experts models" in message
+    assert "--rollout-engine hf" in message
+
+
+def test_partial_expert_targets_for_vllm_are_named():
+    from slime.backends.megatron_utils.arch import ModelArch
+    from slime.ray.preflight import _vllm_moe_errors
+
+    arch = ModelArch.from_hf_config({"architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 2,
+                                     "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,
+                                     "vocab_size": 10, "num_experts": 2, "moe_intermediate_size": 4,
+                                     "num_experts_per_tok": 1})
+    fc2 = {n for n in arch.linear_shapes() if n.endswith("linear_fc2")}
+    whole = {n for n in arch.linear_shapes() if ".local_experts." in n}
+    one_expert = {n for n in whole if ".local_experts.0." in n}
+    for partial in (fc2, one_expert):
+        assert "target both linear_fc1 and linear_fc2" in _vllm_moe_errors(partial, arch, on_gpu=True)[0]
+    assert _vllm_moe_errors(whole, arch, on_gpu=True) == [] and _vllm_moe_errors(set(), arch, on_gpu=True) == []
+    assert "vLLM on CPUs" in _vllm_moe_errors(whole, arch, on_gpu=False)[0]
