@@ -121,8 +121,9 @@ def _layout_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str
     if args.global_batch_size % args.data_parallel_size:
         errors.append(f"--global-batch-size {args.global_batch_size} must be a multiple of the data-parallel size "
                       f"({args.data_parallel_size})")
-    if args.pipeline_model_parallel_size > 1:
-        errors.append("--pipeline-model-parallel-size > 1 is not supported by the RL trainer yet; use TP and DP")
+    pp = args.pipeline_model_parallel_size
+    if arch and pp > 1 and arch.num_layers % pp:
+        errors.append(f"--pipeline-model-parallel-size {pp} does not divide the model's {arch.num_layers} layers")
     return errors
 
 

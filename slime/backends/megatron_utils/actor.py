@@ -32,6 +32,7 @@ from slime.backends.megatron_utils.packing import (
     rope_at_positions,
 )
 from slime.backends.megatron_utils.parallel import expert_groups, gather_vocab
+from slime.backends.megatron_utils.pipeline import configure_for_pipeline, is_last_stage, run_pipeline
 from slime.rollout.batch import RolloutBatch
 from slime.utils.errors import UserError
 from slime.utils.failpoints import failpoint
@@ -64,8 +65,6 @@ class MegatronTrainRayActor:
         from slime.backends.megatron_utils.parallel import init_parallel
 
         torch.set_num_threads(max(1, int(os.environ.get("SLIME_TRAIN_THREADS", torch.get_num_threads()))))
-        if args.pipeline_model_parallel_size > 1:
-            raise UserError("--pipeline-model-parallel-size > 1: the RL trainer runs TP x DP only; use TP or more DP")
         init_parallel(self.rank, self.world_size, tensor_parallel=args.tensor_model_parallel_size,
                       pipeline_parallel=args.pipeline_model_parallel_size,
                       expert_parallel=args.expert_model_parallel_size, seed=args.seed)
@@ -80,6 +79,9 @@ class MegatronTrainRayActor:
             self.ref_model = initialize_model_and_optimizer(args, role="ref").model
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        if self.pp_size > 1:
+            configure_for_pipeline(self.model)
         self.dp_group = parallel_state.get_data_parallel_group()
         return {"pid": os.getpid(), "trainable": sum(p.numel() for o in self.optimizers.values() for p in o.params)}
 
@@ -89,9 +91,26 @@ class MegatronTrainRayActor:
         """Log-probs and entropies ``[T]`` of the micro-batch's response tokens at the rollout temperature."""
         with rope_at_positions(model[0], mb.position_ids), logits_only_at(model[0], mb.pred_row, mb.pred_col):
             logits = model[0](mb.tokens, mb.position_ids, mb.attention_mask)  # [T, 1, V/tp]
-        logits = gather_vocab(logits[:, 0])  # [T, V]
+        return self._from_logits(mb, gather_vocab(logits[:, 0]), entropy)
+
+    def _from_logits(self, mb: PackedBatch, logits: torch.Tensor, entropy: bool = False):
+        """``[T, V_padded]`` logits -> log-probs and entropies ``[T]`` at the rollout temperature."""
         return token_logprobs_and_entropy(logits, mb.targets, self.arch.vocab_size, self.args.rollout_temperature,
                                           with_entropy=entropy)
+
+    def _pipelined_logprobs(self, batches: list[PackedBatch], adapters_off: bool = False) -> list[torch.Tensor | None]:
+        """Per micro-batch, the ``[T]`` log-probs on the last pipeline stage (``None`` elsewhere), no grad."""
+        from slime_plugins.lora.lora_layer import disable_adapters
+
+        out: list[torch.Tensor | None] = [None] * len(batches)
+
+        def keep(index: int, mb: PackedBatch, logits: torch.Tensor) -> torch.Tensor:
+            out[index] = self._from_logits(mb, logits)[0]
+            return logits.new_zeros(())
+
+        with disable_adapters(self.model) if adapters_off else contextlib.nullcontext():
+            run_pipeline(self.model, batches, keep, forward_only=True)
+        return out
 
     def _micro_batches(self, samples: list[int], batch: RolloutBatch) -> list[PackedBatch]:
         groups = group_rows(samples, batch)
@@ -180,11 +199,14 @@ class MegatronTrainRayActor:
             local_tokens = float(sum(mb.num_tokens for mb in batches))
             step_tokens = self._dp_sum(torch.tensor([local_tokens]))[0].item()
             optimizer.zero_grad()
-            for mb in batches:
-                self._train_micro_batch(mb, step_tokens, old_logp, totals)
+            if self.pp_size > 1:
+                self._train_step_pipelined(batches, step_tokens, old_logp, totals)
+            else:
+                for mb in batches:
+                    self._train_micro_batch(mb, step_tokens, old_logp, totals)
             norm, lr = optimizer.step()
             grad_norms.append(norm)
-        totals = self._dp_sum(totals)
+        totals = self._dp_sum(self._pp_sum(totals))
         loss, kl, ent, gap, clipped, tokens, gap_tokens = totals.tolist()  # in Totals' order
         metrics = {
             "train/loss": loss / max(tokens, 1), "train/entropy": ent / max(tokens, 1),
@@ -205,9 +227,27 @@ class MegatronTrainRayActor:
         rollout; None when the rollout is one optimizer step (then they are this forward's, detached).
         ``totals``: the ``[Totals.SIZE]`` sums, added to in place.
         """
+        ref_logp = self._reference_logprobs(mb) if self.args.use_kl_loss else None
+        logp, entropy = self._logprobs(self.model, mb, entropy=self.args.entropy_coef > 0)
+        self._micro_batch_loss(mb, logp, entropy, ref_logp, step_tokens, old_logp, totals).backward()
+
+    def _train_step_pipelined(self, batches: list[PackedBatch], step_tokens: float,
+                              old_logp: dict[int, torch.Tensor] | None, totals: torch.Tensor) -> None:
+        """One step's micro-batches through the pipeline: the reference log-probs first (a forward-only
+        pass with adapters off), then the 1F1B forward and backward; losses on the last stage."""
+        ref = self._pipelined_logprobs(batches, adapters_off=True) if self.args.use_kl_loss else [None] * len(batches)
+
+        def loss(index: int, mb: PackedBatch, logits: torch.Tensor) -> torch.Tensor:
+            logp, entropy = self._from_logits(mb, logits, entropy=self.args.entropy_coef > 0)
+            return self._micro_batch_loss(mb, logp, entropy, ref[index], step_tokens, old_logp, totals)
+
+        run_pipeline(self.model, batches, loss)
+
+    def _micro_batch_loss(self, mb: PackedBatch, logp: torch.Tensor, entropy: torch.Tensor,
+                          ref_logp: torch.Tensor | None, step_tokens: float,
+                          old_logp: dict[int, torch.Tensor] | None, totals: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's share of the step's loss, from its ``[T]`` log-probs; adds to ``totals``."""
         args = self.args
-        ref_logp = self._reference_logprobs(mb) if args.use_kl_loss else None
-        logp, entropy = self._logprobs(self.model, mb, entropy=args.entropy_coef > 0)
         if old_logp is None:
             mb_old_logp = logp.detach()  # one update per rollout: ratio is 1, no second forward needed
             totals[Totals.GAP] += float((logp.detach() - mb.rollout_logp).abs().sum())
@@ -222,25 +262,41 @@ class MegatronTrainRayActor:
             totals[Totals.KL] += float(kl.detach())
         if args.entropy_coef > 0:
             loss = loss - args.entropy_coef * entropy.sum()
-        # Token mean over the global step; the optimizer averages over DP ranks, so undo that.
-        (loss * self.dp_size / max(step_tokens, 1.0)).backward()
         totals[Totals.LOSS] += float(pg.detach())
         totals[Totals.ENTROPY] += float(entropy.detach().sum())
         totals[Totals.CLIPPED] += float(clipped)
         totals[Totals.TOKENS] += mb.num_tokens
+        # Token mean over the global step; the optimizer averages over DP ranks, so undo that.
+        return loss * self.dp_size / max(step_tokens, 1.0)
 
     @torch.no_grad()
     def _no_grad_logprobs(self, batch: RolloutBatch, totals: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per sample index, the current policy's ``[L_i]`` log-probs (old log-probs when a rollout
         takes several steps); adds the rollout-vs-trainer gap to ``totals``."""
         old = {}
-        for mb in self._micro_batches(self._my_samples(range(len(batch)), batch), batch):
-            logp = self._logprobs(self.model, mb)[0]
+        batches = self._micro_batches(self._my_samples(range(len(batch)), batch), batch)
+        if self.pp_size > 1:
+            pipelined = self._pipelined_logprobs(batches)
+            if not is_last_stage():
+                return old  # only the last stage computes losses, hence needs old log-probs
+        for n, mb in enumerate(batches):
+            logp = pipelined[n] if self.pp_size > 1 else self._logprobs(self.model, mb)[0]
             totals[Totals.GAP] += float((logp - mb.rollout_logp).abs().sum())
             totals[Totals.GAP_TOKENS] += mb.num_tokens
             for local, i in enumerate(mb.index):
                 old[i] = logp[mb.sample == local]
         return old
+
+    def _pp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over pipeline stages: the last one computed every total, the others hold zeros."""
+        if self.pp_size == 1:
+            return t
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_pipeline_model_parallel_group()
+        on_device = t.cuda() if dist.get_backend(group) == "nccl" else t
+        dist.all_reduce(on_device, group=group)
+        return on_device.cpu()
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over data-parallel ranks (NCCL reduces only CUDA tensors: the sum goes via the GPU)."""

@@ -8,7 +8,11 @@ CPU-only machine we route both to the CPU: the current device becomes
 
 The unfused softmax's default causal mask, built with ``device="cuda"``, is
 rebuilt on the CPU as well, and activation recomputation saves and restores the
-CPU generator where it would save the CUDA one.
+CPU generator where it would save the CUDA one.  The pipeline schedules count
+tokens in a ``torch.zeros(..., device="cuda")`` and the point-to-point layer
+calls ``torch.cuda.synchronize()`` after gloo's (already completed) transfers:
+the schedules module sees a ``torch`` whose ``zeros`` puts "cuda" tensors on the
+CPU, and synchronising a device that does not exist is a no-op.
 
 megatron-core wraps its fused elementwise kernels (bias + GeLU/SwiGLU, ...) in
 ``torch.compile`` when it is imported, which loads TorchDynamo and Inductor into
@@ -113,6 +117,10 @@ def apply_cpu_compat() -> bool:
 
     tutils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchWithCpuZeros()
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     _APPLIED = True
     return True
 
@@ -132,6 +140,17 @@ def _import_megatron_without_compiled_fusions() -> None:
     finally:
         torch.compile = compile_  # type: ignore[assignment]
     jit.disable_jit_fuser()  # modules imported later decorate with megatron's no-op too
+
+
+class _TorchWithCpuZeros:
+    """``torch`` for megatron's schedules module: ``zeros(..., device="cuda")`` lands on the CPU."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if str(device).startswith("cuda") else device, **kwargs)
 
 
 def _define_missing_te_names() -> None:
