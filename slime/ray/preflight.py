@@ -124,6 +124,11 @@ def _layout_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str
     pp = args.pipeline_model_parallel_size
     if arch and pp > 1 and arch.num_layers % pp:
         errors.append(f"--pipeline-model-parallel-size {pp} does not divide the model's {arch.num_layers} layers")
+    if arch and pp > 1 and arch.tie_word_embeddings and (not torch.cuda.is_available() or not args.use_lora):
+        # megatron syncs the two copies of a tied embedding at start-up with a CUDA-only call, and
+        # their gradients in its own DDP, which full fine-tuning here does not use
+        errors.append(f"--pipeline-model-parallel-size {pp}: the model ties its embeddings (tie_word_embeddings), "
+                      "which the pipeline supports only with --use-lora on GPUs; use TP and DP")
     return errors
 
 

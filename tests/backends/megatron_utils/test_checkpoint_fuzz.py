@@ -40,7 +40,8 @@ ARCH = ModelArch(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=1
                  num_query_groups=2, head_dim=16, vocab_size=256, max_position_embeddings=128, rope_theta=10000.0,
                  norm_eps=1e-5, qk_layernorm=False, add_qkv_bias=False, tie_word_embeddings=True)
 LORA = LoraConfig(r=4, alpha=8.0, target_modules=("linear_qkv",))
-ARGS = argparse.Namespace(lora=LORA, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+ARGS = argparse.Namespace(lora=LORA, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                          expert_model_parallel_size=1)
 VALID_META = {
     "format": FORMAT, "version": FORMAT_VERSION, "iteration": 3, "weights": "adapter",
     "model": dataclasses.asdict(ARCH), "lora": _lora_flags(LORA),
