@@ -35,13 +35,15 @@ def train(args) -> dict:
     memory = PeakMemoryTracker()
     history: list[tuple[int, dict]] = []
     # A dead or hung engine/trainer ends the run with one line: the checkpoint and the resume command.
-    with ray_cluster(num_cpus=max(num_bundles(args), os.cpu_count() or 1)), actor_failures_end_the_run(args):
+    cpus = max(num_bundles(args), os.cpu_count() or 1)  # a private cluster's; a joined one has its own
+    with ray_cluster(num_cpus=cpus, address=args.ray_address), actor_failures_end_the_run(args):
         pgs = create_placement_groups(args)
         rollout_manager = create_rollout_manager(args, pgs)
         actor_model = create_training_models(args, pgs)
         pids = [*rollout_manager.engine_pids, *actor_model.pids()]
         for pid in pids:
             memory.add_pid(pid)
+        print(f"trainer ranks on nodes: {', '.join(actor_model.group.node_ids())}", flush=True)
         print(f"malloc of engine and trainers: {', '.join(sorted({active_allocator(p) for p in pids}))}", flush=True)
         memory.add_ray_cluster_processes()  # raylet, GCS, workers: the whole run's memory
 

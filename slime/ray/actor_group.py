@@ -1,10 +1,13 @@
-"""A group of Ray actors, one per placement-group bundle, that form one
+"""A group of Ray actors, placed in the bundles of a placement group, that form one
 ``torch.distributed`` world.
 
-Actor ``i`` runs in bundle ``first_bundle + i`` and is constructed as
+Actor ``i`` runs in bundle ``first_bundle + i // actors_per_bundle`` and is constructed as
 ``actor_cls(*args, rank=i, world_size=N, **kwargs)``.  Its environment holds
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, so
 ``torch.distributed.init_process_group(backend)`` needs no further arguments.
+Nothing assumes one node: ``MASTER_ADDR`` is the IP of the node holding rank 0's bundle and
+``MASTER_PORT`` a port found free *on that node* (by a task run in that bundle), not on the
+driver's machine.
 With ``distributed=False`` the actors are independent processes (e.g. the rollout
 engine): constructed as ``actor_cls(*args, **kwargs)``, with none of those variables.
 
@@ -44,6 +47,26 @@ def find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+@ray.remote(num_cpus=0)
+def _free_port_on_this_node() -> int:
+    return find_free_port()
+
+
+def free_port_in_bundle(group: PlacementGroup, bundle_index: int) -> int:
+    """A TCP port free on the node of one bundle, found by a zero-CPU task run in that bundle (so it
+    never waits for the bundle's CPU, held or not).  Rank 0 listens on its own node, which need not
+    be the driver's: a port probed on the driver could be taken there."""
+    strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle_index)
+    ref = _free_port_on_this_node.options(scheduling_strategy=strategy).remote()
+    return get_all([ref], timeout_s=PLACEMENT_READY_TIMEOUT_S, labels=[f"the port probe in bundle {bundle_index}"],
+                   method="find_free_port")[0]
+
+
+def _node_id(instance: object) -> str:
+    """Run inside an actor (through Ray's ``__ray_call__``): the Ray node id it runs on."""
+    return ray.get_runtime_context().get_node_id()
 
 
 def bundle_node_ip(group: PlacementGroup, bundle_index: int) -> str:
@@ -105,10 +128,9 @@ def _world_env(group: PlacementGroup, first_bundle: int, num_actors: int) -> dic
     """The rendezvous variables every rank shares (``RANK`` is added per actor)."""
     return {
         "MASTER_ADDR": bundle_node_ip(group, first_bundle),
-        # Found on the driver: right when rank 0 shares its node, which PACK makes the usual case.
-        "MASTER_PORT": str(find_free_port()),
+        "MASTER_PORT": str(free_port_in_bundle(group, first_bundle)),
         "WORLD_SIZE": str(num_actors),
-        # One actor per bundle: each sees its single GPU (if any) as device 0.
+        # Each actor asks for one GPU (if any): Ray makes it the only one visible, device 0.
         "LOCAL_RANK": "0",
     }
 
@@ -122,11 +144,12 @@ def registered_groups() -> list["RayActorGroup"]:
 
 
 class RayActorGroup:
-    """``num_actors`` instances of a plain class, one per bundle of ``group``.
+    """``num_actors`` instances of a plain class, ``actors_per_bundle`` (default 1) per bundle of ``group``.
 
-    Shapes: bundles ``[first_bundle, first_bundle + num_actors)`` must exist
-    in ``group``; each actor reserves that bundle's 1 CPU (and 1 GPU when
-    ``use_gpu``).  ``env_vars`` go to every actor's environment.  ``name``
+    Shapes: ``ceil(num_actors / actors_per_bundle)`` bundles from ``first_bundle`` on must exist
+    in ``group``; ``actors_per_bundle`` consecutive ranks share one (over several nodes: one bundle
+    per node, so a node's ranks are consecutive), each actor reserving 1 CPU of it (and 1 GPU
+    when ``use_gpu``).  ``env_vars`` go to every actor's environment.  ``name``
     (default: the class name) and ``pids`` (set by the owner once known) make the
     actors' labels, ``"NAME (pid P)"`` or, in a torch world, ``"NAME rank i (pid P)"``;
     ``timeout_s`` bounds every wait on one call (None or 0: no limit).
@@ -146,14 +169,13 @@ class RayActorGroup:
         distributed: bool = True,
         name: str | None = None,
         timeout_s: float | None = None,
+        actors_per_bundle: int = 1,
     ) -> None:
-        if num_actors < 1:
-            raise ValueError(f"num_actors must be >= 1, got {num_actors}")
-        if first_bundle + num_actors > group.bundle_count:
-            raise ValueError(
-                f"bundles {first_bundle}..{first_bundle + num_actors - 1} asked, "
-                f"the placement group has {group.bundle_count}"
-            )
+        if num_actors < 1 or actors_per_bundle < 1:
+            raise ValueError(f"num_actors and actors_per_bundle must be >= 1, got {num_actors}, {actors_per_bundle}")
+        last_bundle = first_bundle + (num_actors - 1) // actors_per_bundle
+        if last_bundle >= group.bundle_count:
+            raise ValueError(f"bundles {first_bundle}..{last_bundle} asked, the placement group has {group.bundle_count}")
         if not group.wait(timeout_seconds=PLACEMENT_READY_TIMEOUT_S):
             # Rank 0's node (for MASTER_ADDR) is only known once bundles are placed.
             raise RuntimeError("placement group not ready; create it with slime.ray.cluster.create_placement_group")
@@ -174,7 +196,7 @@ class RayActorGroup:
             # Ray merges these env_vars into the job's runtime_env (which puts slime on PYTHONPATH).
             options = remote_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=group, placement_group_bundle_index=first_bundle + rank
+                    placement_group=group, placement_group_bundle_index=first_bundle + rank // actors_per_bundle
                 ),
                 runtime_env={"env_vars": env},
             )
@@ -206,15 +228,23 @@ class RayActorGroup:
         """Run ``method`` on every actor and return the results in rank order."""
         return self.get(self.async_call(method, *args, **kwargs), method)
 
+    def async_call_each(self, method: str, args_per_rank: Sequence[tuple]) -> list[ray.ObjectRef]:
+        """Start ``method(*args_per_rank[i])`` on actor ``i`` for each given tuple (ranks beyond the list
+        sit out); one ref per started call, in rank order (not for methods that enter a collective)."""
+        return [getattr(actor, method).remote(*args) for actor, args in zip(self.actors, args_per_rank)]
+
     def call_each(self, method: str, args_per_rank: Sequence[tuple]) -> list[Any]:
-        """Run ``method(*args_per_rank[i])`` on actor ``i`` for each given tuple (ranks beyond the list
-        sit out); results in rank order (not for methods that enter a collective)."""
-        refs = [getattr(actor, method).remote(*args) for actor, args in zip(self.actors, args_per_rank)]
+        """:meth:`async_call_each`, then its results in rank order."""
+        refs = self.async_call_each(method, args_per_rank)
         return self.get(refs, method, ranks=range(len(refs)))
 
     def call_rank0(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run ``method`` on rank 0 only (not for methods that enter a collective)."""
         return self.get([getattr(self.actors[0], method).remote(*args, **kwargs)], method)[0]
+
+    def node_ids(self) -> list[str]:
+        """The Ray node id each actor runs on, asked of the actors themselves (rank order)."""
+        return self.get([actor.__ray_call__.remote(_node_id) for actor in self.actors], "node_id")
 
     def kill(self) -> None:
         """Kill every actor at once, freeing their bundles; the group is empty after."""

@@ -1,13 +1,13 @@
 """Starting (or joining) a Ray cluster and reserving placement groups.
 
-:func:`ray_cluster` joins the cluster named by ``RAY_ADDRESS`` or starts a
-private local one whose whole state (sockets, logs, session files) lives in a
+:func:`ray_cluster` joins the cluster named by ``--ray-address`` (else ``$RAY_ADDRESS``) or
+starts a private local one whose whole state (sockets, logs, session files) lives in a
 fresh temporary directory that is removed on exit; nothing is written under
 the home directory.  A run that ends without cleaning up (``kill -9``) leaves
 that directory and a few Ray agents behind: the next run removes both (see
 :func:`reap_stale_temp_dirs`).  :func:`create_placement_group` reserves one
-bundle per training/rollout process, failing with a :class:`UserError` that says what
-was asked and what the cluster has, instead of waiting forever.
+bundle per training/rollout process (over several nodes: one per node), failing with a
+:class:`UserError` that says what was asked and what the cluster has, instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -54,9 +54,20 @@ def worker_runtime_env() -> dict:
     return {"env_vars": env}
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster to join: ``address`` (``--ray-address``) when given, else ``$RAY_ADDRESS``,
+    else None (start a private one).  The flag wins so that one command line means the same run
+    whatever the shell exported."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 @contextmanager
-def ray_cluster(num_cpus: int | None = None) -> Iterator[None]:
-    """Connect to ``$RAY_ADDRESS`` if set, else start a private local cluster.
+def ray_cluster(num_cpus: int | None = None, address: str | None = None) -> Iterator[None]:
+    """Join the cluster at :func:`cluster_address` (``address``, else ``$RAY_ADDRESS``) if any, else
+    start a private local cluster.
+
+    Joining creates no local temp dir and reaps nothing: the cluster, its temp dirs and its
+    processes belong to whoever started it (``ray start``); only this driver is disconnected.
 
     ``num_cpus`` sets the local cluster's logical CPUs; it may exceed the
     physical cores, since each CPU bundle only needs a slot for one mostly
@@ -66,7 +77,7 @@ def ray_cluster(num_cpus: int | None = None) -> Iterator[None]:
     (which raises ``SystemExit(143)`` inside).  Before starting, the temp dirs
     of killed runs are removed (:func:`reap_stale_temp_dirs`).
     """
-    address = os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     common = dict(
         include_dashboard=False,
         log_to_driver=True,
@@ -267,18 +278,27 @@ def _restore_env(name: str, value: str | None) -> None:
         os.environ[name] = value
 
 
-def _bundle(use_gpu: bool) -> dict[str, float]:
-    return {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+def _bundle(use_gpu: bool, size: int = 1) -> dict[str, float]:
+    return {"GPU": size, "CPU": size} if use_gpu else {"CPU": size}
 
 
-def _shortfall(num_bundles: int, use_gpu: bool, resources: dict[str, float]) -> str | None:
-    """Which resource the cluster has too little of for ``num_bundles`` bundles, as
+def _shortfall(num_bundles: int, use_gpu: bool, resources: dict[str, float], size: int = 1) -> str | None:
+    """Which resource the cluster has too little of for ``num_bundles`` bundles of ``size``, as
     ``"<n> GPUs"``; None when it has enough of every kind."""
-    for kind, per_bundle in _bundle(use_gpu).items():
+    for kind, per_bundle in _bundle(use_gpu, size).items():
         have = int(resources.get(kind, 0))
         if have < num_bundles * per_bundle:
             return f"{have} {kind}s"
     return None
+
+
+def _nodes_short(num_nodes: int, use_gpu: bool, size: int) -> str | None:
+    """For one bundle of ``size`` on each of ``num_nodes`` distinct nodes: how many live nodes
+    could hold one, as ``"1 such node"``, when too few; None when enough."""
+    need = _bundle(use_gpu, size)
+    fit = [node for node in ray.nodes() if node.get("Alive")
+           and all(node.get("Resources", {}).get(kind, 0) >= amount for kind, amount in need.items())]
+    return None if len(fit) >= num_nodes else f"{len(fit)} such node{'s' * (len(fit) != 1)}"
 
 
 def create_placement_group(
@@ -287,26 +307,38 @@ def create_placement_group(
     *,
     flag: str = "--actor-num-gpus-per-node",
     timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S,
+    bundle_size: int = 1,
+    spread: bool = False,
 ) -> PlacementGroup:
-    """Reserve ``num_bundles`` bundles, packed onto as few nodes as possible.
+    """Reserve ``num_bundles`` bundles, packed onto as few nodes as possible (``spread``: each on
+    a node of its own).
 
-    Each bundle is ``{"GPU": 1, "CPU": 1}`` when ``use_gpu`` else ``{"CPU": 1}``;
-    one actor of a :class:`~slime.ray.actor_group.RayActorGroup` runs in each.
-    ``flag`` names the option the user set the count with, for the error.
+    Each bundle is ``{"GPU": k, "CPU": k}`` when ``use_gpu`` else ``{"CPU": k}``, ``k =
+    bundle_size``; a :class:`~slime.ray.actor_group.RayActorGroup` runs ``k`` actors in each (one
+    unit each).  One bundle per actor (``k = 1``, PACK) is the one-node layout.  Over ``N`` nodes
+    the trainers take one bundle of ``k = G`` per node with Ray's STRICT_SPREAD, which is what
+    guarantees every node exactly G ranks: a PACK group of ``N x G`` one-unit bundles may put
+    them all on one node that happens to be big enough (always so with logical CPUs), and
+    Ray has no per-node count for single bundles (``node:<ip>`` resources cannot tell apart
+    nodes that share an IP).  ``flag`` names the option the user set the count with, for the error.
 
-    Raises UserError at once when the cluster's total resources are too small,
-    and after ``timeout_s`` when they exist but are held by someone else.
+    Raises UserError at once when the cluster's total resources (or, spread, its nodes) are too
+    small, and after ``timeout_s`` when they exist but are held by someone else.
     """
     kind = "GPU" if use_gpu else "CPU"
-    asked = f"{flag} {num_bundles} needs {num_bundles} {kind} bundles"
-    shortfall = _shortfall(num_bundles, use_gpu, ray.cluster_resources())
+    what = f"{num_bundles} {kind} bundles" if bundle_size == 1 else f"{num_bundles} bundles of {bundle_size} {kind}s"
+    asked = f"{flag} {num_bundles} needs {what}" + (" on as many nodes" if spread else "")
+    shortfall = _shortfall(num_bundles, use_gpu, ray.cluster_resources(), bundle_size)
+    if not shortfall and spread:
+        shortfall = _nodes_short(num_bundles, use_gpu, bundle_size)
     if shortfall:
         raise UserError(f"{asked} but the Ray cluster has {shortfall}; lower {flag} or add resources")
 
-    group = placement_group([_bundle(use_gpu) for _ in range(num_bundles)], strategy="PACK")
+    group = placement_group([_bundle(use_gpu, bundle_size) for _ in range(num_bundles)],
+                            strategy="STRICT_SPREAD" if spread else "PACK")
     if not group.wait(timeout_seconds=timeout_s):
         remove_placement_group(group)
-        free = _shortfall(num_bundles, use_gpu, ray.available_resources())
+        free = _shortfall(num_bundles, use_gpu, ray.available_resources(), bundle_size)
         raise UserError(
             f"{asked} but the Ray cluster has only {free or 'fewer'} free after {timeout_s:g} s "
             f"(others hold the rest); lower {flag} or free resources"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slime.ray.cluster import cluster_address
 from slime.rollout.data import check_prompt_files
 from slime.rollout.engines import ENGINES, vllm_max_loras_error, vllm_moe_lora_error
 from slime.rollout.rm import label_problem, load_reward_fn
@@ -110,7 +111,7 @@ def _layout_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[str
                                   dispatcher=args.moe_token_dispatcher_type or default_dispatcher(),
                                   on_gpu=torch.cuda.is_available())
     cores = os.cpu_count() or 1
-    if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS") and args.world_size > cores:
+    if not torch.cuda.is_available() and not cluster_address(args.ray_address) and args.world_size > cores:
         errors.append(f"--actor-num-gpus-per-node {args.actor_num_gpus_per_node} x --actor-num-nodes "
                       f"{args.actor_num_nodes} = {args.world_size} training processes, but this machine has {cores} "
                       f"CPU cores; lower them (or --tensor-model-parallel-size)")

@@ -12,6 +12,12 @@ With ``--lora-tasks`` every task has its own prompts, eval sets and reward (buil
 named after the task.  A rollout draws ``--rollout-batch-size`` prompts of every task and sends
 all of them to the engines in one ``generate`` call per engine, each request naming its task's
 adapter; task ``k``'s prompt groups are numbered after task ``k - 1``'s.
+
+A rollout is :meth:`RolloutManager.start`-ed (prompts drawn, engine calls submitted) and then
+:meth:`RolloutManager.finish`-ed (outputs awaited, scored): ``--async-rollout`` starts rollout
+``N + 1`` before the trainer steps on rollout ``N``.  An engine actor runs its calls in order, so
+a rollout started before a weight sync samples with the weights before it; the batch records
+that version (``policy_version``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,20 @@ from slime.rollout.rm import batch_rewards, load_reward_fn
 from slime.utils.allocator import allocator_env
 from slime.utils.errors import UserError
 from slime.utils.tasks import FLAG, task_args
+
+
+@dataclass
+class PendingRollout:
+    """A started rollout: its samples (responses not yet in), the engines' output refs, and the data
+    position before its prompts were drawn (what a checkpoint taken meanwhile must record)."""
+
+    rollout_id: int
+    samples: list[Sample]
+    parts: list[tuple["TaskData", slice]]
+    refs: list[ray.ObjectRef]
+    policy_version: int
+    state_before: dict
+    started: float
 
 
 @dataclass
@@ -93,6 +113,7 @@ class RolloutManager:
                                      distributed=False, name="the rollout engine", timeout_s=args.actor_timeout)
         self.engine_pids: list[int] = self.engines.call("pid")
         self.engines.pids = self.engine_pids  # failure reports name the process
+        self.policy_version = 0  # the trainer version of the newest weights handed to the engines
 
     @property
     def multitask(self) -> bool:
@@ -100,14 +121,18 @@ class RolloutManager:
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(self, payload_ref: ray.ObjectRef, adapter: str = POLICY_ADAPTER) -> dict:
+    def update_weights(self, payload_ref: ray.ObjectRef, adapter: str = POLICY_ADAPTER, *,
+                       version: int | None = None) -> dict:
         """Hand every engine the trainer's export (an ObjectRef resolved inside each engine actor),
-        loaded under ``adapter`` (a task's name in a ``--lora-tasks`` run).
+        loaded under ``adapter`` (a task's name in a ``--lora-tasks`` run); ``version``: the trainer
+        version it is (rollouts started from now on record it).
 
         ``sync/bytes`` and ``sync/tensors`` add up over the engines; ``sync/engine_seconds`` is the slowest."""
         # A one-task run makes the call it always made (engines written before adapters had names).
         call = (payload_ref,) if adapter == POLICY_ADAPTER else (payload_ref, adapter)
         results = self.engines.call("apply_update", *call)
+        if version is not None:
+            self.policy_version = version
         metrics = dict(results[0])
         for key in ("sync/bytes", "sync/tensors"):
             metrics[key] = sum(r[key] for r in results)
@@ -121,10 +146,9 @@ class RolloutManager:
         sizes = [len(t.dataset) for t in self.tasks if t.dataset]
         return max(1, min(sizes) // self.args.rollout_batch_size) if sizes else 0
 
-    def _generate(self, samples: list[Sample], params: SamplingParams, group_size: int,
-                  parts: list[tuple[TaskData, slice]]) -> list[Sample]:
-        """Generate every sample in one call per engine (``parts``: which rows belong to which task),
-        then score each task's rows with its reward."""
+    def _submit(self, samples: list[Sample], params: SamplingParams, group_size: int,
+                parts: list[tuple[TaskData, slice]]) -> list[ray.ObjectRef]:
+        """Submit every sample in one call per engine (``parts``: which rows belong to which task)."""
         prompts = [s.prompt_token_ids for s in samples]
         if len(parts) == 1:
             names = parts[0][0].adapter  # one name for all: the call a one-task run always made
@@ -133,7 +157,11 @@ class RolloutManager:
         shares = engine_shares(len(samples), group_size, len(self.engines))
         calls = [(prompts[share], params, names if isinstance(names, (str, type(None))) else names[share])
                  for share in shares]
-        outputs = [out for part in self.engines.call_each("generate", calls) for out in part]
+        return self.engines.async_call_each("generate", calls)
+
+    def _collect(self, samples: list[Sample], refs: list[ray.ObjectRef], parts: list[tuple[TaskData, slice]]) -> None:
+        """The engines' outputs into ``samples``, then each task's rows scored with its reward."""
+        outputs = [out for part in self.engines.get(refs, "generate", ranks=range(len(refs))) for out in part]
         for sample, out in zip(samples, outputs):
             sample.response_token_ids = out.token_ids
             sample.rollout_logprobs = out.logprobs
@@ -145,7 +173,6 @@ class RolloutManager:
         for (_, rows), rewards in zip(parts, asyncio.run(score())):
             for sample, reward in zip(samples[rows], rewards):
                 sample.reward = reward
-        return samples
 
     def generate(self, rollout_id: int) -> tuple[RolloutBatch, dict]:
         """Sample ``--rollout-batch-size`` prompts x ``--n-samples-per-prompt`` (of every task); score; advantages.
@@ -153,8 +180,12 @@ class RolloutManager:
         Returns the :class:`RolloutBatch` to train on (``tasks`` set with ``--lora-tasks``) and the
         rollout metrics (``<task>/rollout/...`` per task, plus the overall ones).
         """
+        return self.finish(self.start(rollout_id))
+
+    def start(self, rollout_id: int) -> PendingRollout:
+        """Draw the rollout's prompts and submit them to the engines (returns at once)."""
         args, n = self.args, self.args.n_samples_per_prompt
-        start = time.time()
+        state_before, start = self.state_dict(), time.time()
         samples: list[Sample] = []
         parts: list[tuple[TaskData, slice]] = []
         for task in self.tasks:
@@ -166,12 +197,19 @@ class RolloutManager:
             samples += drawn
         params = SamplingParams(max_new_tokens=args.rollout_max_response_len, temperature=args.rollout_temperature,
                                 top_p=args.rollout_top_p, top_k=args.rollout_top_k, seed=args.seed * 100003 + rollout_id)
-        samples = self._generate(samples, params, n, parts)
-        seconds = time.time() - start
+        refs = self._submit(samples, params, n, parts)
+        return PendingRollout(rollout_id, samples, parts, refs, self.policy_version, state_before, start)
+
+    def finish(self, pending: PendingRollout) -> tuple[RolloutBatch, dict]:
+        """Wait for a started rollout's outputs, score them, and build the batch and its metrics."""
+        args, n, samples, parts = self.args, self.args.n_samples_per_prompt, pending.samples, pending.parts
+        waited = time.time()
+        self._collect(samples, pending.refs, parts)
+        seconds, waited = time.time() - pending.started, time.time() - waited
         rewards = [s.reward for s in samples]
         advantages = group_advantages(rewards, n, args.advantage_estimator).tolist()
         tasks = [task.name for task, rows in parts for _ in range(rows.start, rows.stop)] if self.multitask else None
-        batch = RolloutBatch.from_samples(samples, advantages, tasks=tasks)
+        batch = RolloutBatch.from_samples(samples, advantages, tasks=tasks, policy_version=pending.policy_version)
         metrics = {}
         for task, rows in parts:
             metrics |= rollout_metrics(samples[rows], n, args.rollout_max_response_len, task.dataset.epoch, task.prefix)
@@ -179,7 +217,7 @@ class RolloutManager:
         metrics |= {
             "rollout/reward_mean": sum(rewards) / len(rewards),
             "rollout/tokens_per_second": sum(lengths) / max(seconds, 1e-9),
-            "perf/rollout_seconds": seconds,
+            "perf/rollout_seconds": seconds, "perf/rollout_wait_seconds": waited,
         }
         return batch, metrics
 
@@ -209,7 +247,7 @@ class RolloutManager:
             samples += drawn
         params = SamplingParams(max_new_tokens=args.eval_max_response_len, temperature=args.eval_temperature,
                                 seed=args.seed + 7)
-        samples = self._generate(samples, params, n, parts)
+        self._collect(samples, self._submit(samples, params, n, parts), parts)
         metrics = {}
         for (task, name, _), (_, rows) in zip(sets, parts):
             part = samples[rows]

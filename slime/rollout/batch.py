@@ -59,6 +59,10 @@ class RolloutBatch:
     * ``tasks[i]`` (``--lora-tasks`` runs only, else ``None``): the task, i.e. the adapter that
       sampled it and trains on it.  A prompt group belongs to one task.
 
+    ``policy_version`` is the trainer version whose weights sampled the rollout (the number of
+    rollouts trained before its sync; ``None``: the trainer's current weights).  With
+    ``--async-rollout`` it trails the trainer by up to ``--max-staleness``.
+
     A prompt group is a run of consecutive samples with the same prompt: the trainer packs it
     into one row (``slime.backends.megatron_utils.packing``) and hands whole groups to the
     data-parallel ranks.  Samples with one id are therefore consecutive and share one prompt.
@@ -72,6 +76,7 @@ class RolloutBatch:
     advantages: list[float]
     group_ids: list[int]
     tasks: list[str] | None = None
+    policy_version: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -94,7 +99,7 @@ class RolloutBatch:
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample], advantages: list[float],
-                     tasks: list[str] | None = None) -> RolloutBatch:
+                     tasks: list[str] | None = None, policy_version: int | None = None) -> RolloutBatch:
         """Rolled-out ``samples`` (response and ``group_index`` set) with one advantage each (and one task each)."""
         return cls(
             tokens=[s.prompt_token_ids + s.response_token_ids for s in samples],
@@ -103,13 +108,15 @@ class RolloutBatch:
             advantages=advantages,
             group_ids=[s.group_index for s in samples],
             tasks=tasks,
+            policy_version=policy_version,
         )
 
     def select(self, rows: Sequence[int]) -> RolloutBatch:
         """The samples ``rows`` (in that order) as a batch of their own, groups and tasks kept."""
         pick = lambda values: [values[i] for i in rows]  # noqa: E731
         return RolloutBatch(pick(self.tokens), pick(self.prompt_lens), pick(self.rollout_logprobs),
-                            pick(self.advantages), pick(self.group_ids), pick(self.tasks) if self.tasks else None)
+                            pick(self.advantages), pick(self.group_ids), pick(self.tasks) if self.tasks else None,
+                            self.policy_version)
 
     def task_batch(self, task: str) -> RolloutBatch:
         """The samples of ``task``, in rollout order (empty when it has none)."""

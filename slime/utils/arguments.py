@@ -27,6 +27,9 @@ class _Parser(argparse.ArgumentParser):
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("cluster")
+    g.add_argument("--ray-address", type=str, default=None, metavar="ADDR",
+                   help="join this running Ray cluster (e.g. HEAD_IP:6379, as `ray start --head` prints) instead of "
+                        "starting a private one; default $RAY_ADDRESS, which this flag overrides")
     g.add_argument("--actor-num-nodes", type=int, default=1)
     g.add_argument("--actor-num-gpus-per-node", type=int, default=None,
                    help="training processes per node (on a machine without GPUs: CPU processes); default TP x PP")
