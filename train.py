@@ -1,5 +1,7 @@
 """RL post-training, slime style: rollout -> train -> sync -> evaluate -> log -> save, on Ray actors.
 
+With ``--async-rollout`` the next rollout is already being generated while the trainer steps.
+
     python train.py --hf-checkpoint DIR --prompt-data train.jsonl --use-lora --lora-r 16 ...
 
 With ``--use-lora`` only the adapters train and only the adapters travel to the rollout
@@ -14,6 +16,7 @@ import time
 from slime.ray.cluster import ray_cluster
 from slime.ray.faults import actor_failures_end_the_run
 from slime.ray.preflight import check_run
+from slime.ray.rollout import RolloutStream
 from slime.ray.placement_group import (
     create_placement_groups,
     create_rollout_manager,
@@ -54,7 +57,9 @@ def train(args) -> dict:
             start_rollout = iteration + 1
         num_rollout = args.num_rollout or args.num_epoch * rollout_manager.num_rollout_per_epoch()
         logger = MetricsLogger.from_args(args, resume_step=start_rollout)
-        actor_model.update_weights(rollout_manager)
+        actor_model.update_weights(rollout_manager, version=start_rollout)
+        rollouts = RolloutStream(rollout_manager, start_rollout, num_rollout,
+                                 ahead=args.max_staleness if args.async_rollout else 0)
         if args.eval_interval and start_rollout == 0:
             history.append((-1, rollout_manager.eval(-1)))  # where the run starts from
             logger.log(*history[-1])
@@ -63,13 +68,13 @@ def train(args) -> dict:
         for rollout_id in range(start_rollout, num_rollout):
             step_start = time.time()
             with Progress(f"rollout {rollout_id}", total=3, unit="phase") as progress:
-                batch, metrics = rollout_manager.generate(rollout_id)
+                batch, metrics = rollouts.next(rollout_id)
                 failpoint("driver.after_generate")
                 progress.update()
                 metrics |= actor_model.train(rollout_id, batch)
                 failpoint("driver.after_train")
                 progress.update()
-                metrics |= actor_model.update_weights(rollout_manager)
+                metrics |= actor_model.update_weights(rollout_manager, version=rollout_id + 1)
                 failpoint("driver.after_sync")
                 if should_eval(args, rollout_id, num_rollout):
                     metrics |= rollout_manager.eval(rollout_id)
@@ -83,7 +88,7 @@ def train(args) -> dict:
             # again (a resumed logger drops the rows from its resume point on). Saved before, a kill right after
             # the save would resume past a rollout whose row was never written.
             if should_save(args, rollout_id, num_rollout):
-                actor_model.save(rollout_id, rollout_manager.state_dict())
+                actor_model.save(rollout_id, rollouts.state_dict())
                 failpoint("driver.after_save")
         logger.close()
     memory.stop()

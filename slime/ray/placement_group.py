@@ -29,6 +29,7 @@ from slime.ray.actor_group import RayActorGroup
 from slime.ray.cluster import create_placement_group
 from slime.ray.rollout import RolloutManager
 from slime.rollout.batch import RolloutBatch
+from slime.rollout.engine import POLICY_ADAPTER
 from slime.utils.allocator import allocator_env
 from slime.utils.errors import UserError
 
@@ -102,18 +103,19 @@ class TrainGroup:
         batch_ref = ray.put(batch)  # one copy in the object store, read by every rank
         return self.group.call("train", rollout_id, batch_ref)[0]
 
-    def update_weights(self, rollout_manager: RolloutManager) -> dict:
+    def update_weights(self, rollout_manager: RolloutManager, version: int | None = None) -> dict:
         """Push the newest weights to the rollout engine (with LoRA: the adapter tensors only; with
         ``--lora-tasks``: every task's adapter, under the task's name).
 
         Every rank takes part in the export (TP shards are gathered); rank 0's result goes to
-        the engine as an ObjectRef, so the tensors never pass through the driver.
+        the engine as an ObjectRef, so the tensors never pass through the driver.  ``version``: the
+        trainer version the weights are (rollouts started afterwards record it).
         """
         start = time.time()
         metrics: dict = {}
         for task in self.tasks or [None]:
             refs = self.group.async_call("export_weights", task)
-            synced = rollout_manager.update_weights(refs[0], task) if task else rollout_manager.update_weights(refs[0])
+            synced = rollout_manager.update_weights(refs[0], task or POLICY_ADAPTER, version=version)
             self.group.get(refs[1:], "export_weights", ranks=range(1, len(refs)))
             for key, value in synced.items():  # bytes and tensors add up over the adapters
                 metrics[key] = metrics.get(key, 0) + value if key in ("sync/bytes", "sync/tensors") else value

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import copy
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import ray
@@ -278,6 +279,39 @@ class RolloutManager:
                             "resume with the task file it was saved with")
         for task in self.tasks:
             task.dataset.load_state_dict(saved[task.name])
+
+
+class RolloutStream:
+    """The run's rollouts in order, each started ``ahead`` rollouts before the trainer takes it.
+
+    ``ahead = 0``: a rollout is generated when asked for (the synchronous loop).  ``ahead = k``
+    (``--async-rollout --max-staleness k``): when rollout ``N`` is handed out, rollouts up to
+    ``N + k`` are already submitted, so the engines sample them while the trainer steps on ``N``,
+    with the weights of up to ``k`` versions ago.
+    """
+
+    def __init__(self, manager: RolloutManager, first: int, end: int, ahead: int) -> None:
+        self.manager, self.next_id, self.end, self.ahead = manager, first, end, ahead
+        self.pending: deque[PendingRollout] = deque()
+
+    def next(self, rollout_id: int) -> tuple[RolloutBatch, dict]:
+        """Rollout ``rollout_id``'s batch and metrics (waits for its outputs), then the next ones started."""
+        if not self.pending:
+            self._start()
+        pending = self.pending.popleft()
+        assert pending.rollout_id == rollout_id, (pending.rollout_id, rollout_id)
+        batch, metrics = self.manager.finish(pending)
+        while len(self.pending) < self.ahead and self.next_id < self.end:
+            self._start()
+        return batch, metrics
+
+    def _start(self) -> None:
+        self.pending.append(self.manager.start(self.next_id))
+        self.next_id += 1
+
+    def state_dict(self) -> dict:
+        """The data position a checkpoint records: before the prompts of rollouts started but not trained."""
+        return self.pending[0].state_before if self.pending else self.manager.state_dict()
 
 
 def rollout_metrics(samples: list[Sample], group_size: int, max_len: int, epoch: int, prefix: str = "") -> dict:

@@ -124,6 +124,11 @@ def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--rollout-num-threads", type=int, default=None, help="torch threads of the built-in engine")
     g.add_argument("--rollout-merge-lora", action=argparse.BooleanOptionalAction, default=True,
                    help="built-in engine: fold the adapter into the base weights while generating (faster)")
+    g.add_argument("--async-rollout", action="store_true",
+                   help="generate rollout N+1 while the trainer steps on rollout N (off-policy by up to "
+                        "--max-staleness versions; the importance ratio uses the version that sampled)")
+    g.add_argument("--max-staleness", type=int, default=1,
+                   help="with --async-rollout: how many trainer versions a rollout may trail (rollouts started ahead)")
     g.add_argument("--rollout-num-engines", type=int, default=1,
                    help="rollout engine processes (each its own Ray actor); a rollout's groups are split among them")
     g.add_argument("--rm-type", type=str, default="math", help="math or exact")
@@ -244,7 +249,7 @@ AT_LEAST_ONE = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "e
                 "rollout_batch_size", "rollout_max_response_len", "n_samples_per_prompt", "n_samples_per_eval_prompt",
                 "rollout_num_engines", "vllm_max_loras", "num_rollout", "num_epoch", "save_interval", "eval_interval",
                 "actor_num_gpus_per_node", "global_batch_size", "max_tokens_per_micro_batch", "eval_max_response_len",
-                "rollout_num_threads", "lr_decay_iters")
+                "rollout_num_threads", "lr_decay_iters", "max_staleness")
 
 
 def _non_negative_errors(args: argparse.Namespace, notes: dict[str, str]) -> list[str]:
@@ -327,6 +332,9 @@ def _dependency_errors(args: argparse.Namespace) -> list[str]:
     if args.save_interval is not None and not args.save:
         errors.append(f"--save-interval {args.save_interval} needs --save (without it nothing is saved); "
                       "add --save DIR")
+    if args.async_rollout and not (args.use_lora and args.lora_only_trainable):
+        errors.append("--async-rollout needs --use-lora with --lora-only-trainable (the trainer keeps the sampling "
+                      "versions' adapters, not copies of the whole model); add --use-lora")
     return errors
 
 

@@ -464,6 +464,11 @@ def add_adapter(model: nn.Module | Iterable[nn.Module], adapter: str, r: int, lo
         m.add_adapter(adapter, r, lora_alpha, init_seed)
 
 
+def all_adapter_parameters(model: nn.Module | Iterable[nn.Module]) -> list[nn.Parameter]:
+    """``[A, B]`` of every adapter, every layer."""
+    return [p for m in _layers(model) for a in m.adapters.values() for p in (a.lora_A, a.lora_B)]
+
+
 def adapter_parameters(model: nn.Module | Iterable[nn.Module], adapter: str) -> list[nn.Parameter]:
     """``[A, B]`` of adapter ``adapter``, every layer: what that adapter's optimizer steps."""
     return [p for m in _layers(model) for p in (m.adapters[adapter].lora_A, m.adapters[adapter].lora_B)]

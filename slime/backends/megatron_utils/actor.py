@@ -33,6 +33,7 @@ from slime.backends.megatron_utils.packing import (
 )
 from slime.backends.megatron_utils.parallel import expert_groups, gather_vocab
 from slime.backends.megatron_utils.pipeline import configure_for_pipeline, is_last_stage, run_pipeline
+from slime.backends.megatron_utils.policy_versions import PolicyVersions
 from slime.rollout.batch import RolloutBatch
 from slime.utils.errors import UserError
 from slime.utils.failpoints import failpoint
@@ -74,6 +75,9 @@ class MegatronTrainRayActor:
         self.optimizer = built.optimizer if not args.tasks else None
         # One RNG stream per task (dropout masks), each starting where a one-task run's would.
         self.task_rng = {t.name: torch.get_rng_state() for t in args.tasks}
+        # The trainer version: rollouts trained so far (the engines' weights carry the version they came from).
+        self.version = 0
+        self.versions = self._policy_versions(args)
         self.ref_model: list[nn.Module] | None = None
         if args.use_kl_loss and not args.use_lora:
             self.ref_model = initialize_model_and_optimizer(args, role="ref").model
@@ -153,11 +157,25 @@ class MegatronTrainRayActor:
 
     # ------------------------------------------------------------------ train
 
+    def _policy_versions(self, args: argparse.Namespace) -> PolicyVersions | None:
+        """With ``--async-rollout``, the adapters of the versions rollouts may still come from."""
+        if not args.async_rollout:
+            return None
+        from slime_plugins.lora.lora_layer import all_adapter_parameters
+
+        return PolicyVersions(all_adapter_parameters(self.model), keep=args.max_staleness)
+
     def train(self, rollout_id: int, batch: RolloutBatch) -> dict:
         """One rollout's update; with ``--lora-tasks``, one per task, each on that task's samples
         through that task's adapter, optimizer and RNG stream (metrics prefixed ``<task>/``)."""
         if self.rank == 0:
             failpoint("trainer.train")
+        try:
+            return self._train_tasks(rollout_id, batch)
+        finally:
+            self.version += 1
+
+    def _train_tasks(self, rollout_id: int, batch: RolloutBatch) -> dict:
         if not self.args.tasks:
             return self._train_adapter(rollout_id, batch, self.optimizer)
         from slime_plugins.lora.lora_layer import use_adapter
@@ -189,13 +207,15 @@ class MegatronTrainRayActor:
         totals = torch.zeros(Totals.SIZE, dtype=torch.float64)
         grad_norms = []
         old_logp = None
+        lag = self.versions.staleness(batch.policy_version, self.version) if self.versions else 0
         for step in range(steps):
             mine = self._my_samples(range(step * step_size, (step + 1) * step_size), batch)
             batches = self._micro_batches(mine, batch)
-            if steps > 1 and step == 0:
-                # The policy moves after step 0: measure the gap and take old log-probs for all
-                # samples now, with one no-grad pass.
-                old_logp = self._no_grad_logprobs(batch, totals)
+            if (steps > 1 or lag) and step == 0:
+                # The policy moves after step 0, or moved since the rollout was sampled: measure the
+                # gap and take old log-probs (of the version that sampled) with one no-grad pass.
+                with self.versions.weights_of(batch.policy_version) if lag else contextlib.nullcontext():
+                    old_logp = self._no_grad_logprobs(batch, totals)
             local_tokens = float(sum(mb.num_tokens for mb in batches))
             step_tokens = self._dp_sum(torch.tensor([local_tokens]))[0].item()
             optimizer.zero_grad()
@@ -216,6 +236,8 @@ class MegatronTrainRayActor:
         }
         if args.use_kl_loss:
             metrics["train/kl"] = kl / max(tokens, 1)
+        if self.versions:
+            metrics["train/staleness"] = lag
         self._check_gap(rollout_id, metrics["train/rollout_logprob_abs_diff"], task)
         return metrics
 
@@ -323,6 +345,8 @@ class MegatronTrainRayActor:
         With LoRA: the PEFT adapter tensors and config (a few MB) of the adapter, or of ``task``'s
         adapter with ``--lora-tasks``. Without: the full HF weights.
         """
+        if self.versions:
+            self.versions.record(self.version)
         if self.args.use_lora:
             from slime_plugins.lora.lora_layer import use_adapter
             from slime_plugins.lora.peft_io import adapter_state_tensors
@@ -346,5 +370,7 @@ class MegatronTrainRayActor:
     def load(self) -> tuple[int, dict]:
         from slime.backends.megatron_utils.checkpoint import load_checkpoint
 
-        return load_checkpoint(self.args.load, self.model, self.arch, self.args, self.optimizers,
-                               rng_streams=self.task_rng)
+        iteration, state = load_checkpoint(self.args.load, self.model, self.arch, self.args, self.optimizers,
+                                           rng_streams=self.task_rng)
+        self.version = iteration + 1
+        return iteration, state
