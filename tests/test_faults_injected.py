@@ -73,18 +73,26 @@ def plan(seed: int) -> tuple[list[tuple[str, int]], int]:
     return chain, max(num_rollout, done + 1)
 
 
-def run_segment(flags: list, out: Path, env: dict) -> tuple[int, str, str]:
-    """``train.py FLAGS`` with output to files (a SIGKILLed driver's Ray processes may hold a pipe open)."""
+def start_segment(flags: list, out: Path, env: dict) -> subprocess.Popen:
+    """``train.py FLAGS`` started, output to files (a SIGKILLed driver's Ray processes may hold a pipe open)."""
     with open(f"{out}.stdout", "w") as stdout, open(f"{out}.stderr", "w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags)], cwd=ROOT, stdout=stdout,
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags)], cwd=ROOT, stdout=stdout,
                                 stderr=stderr, env={**os.environ, "RAY_AUTH_MODE": "disabled", **env})
-        try:
-            returncode = proc.wait(timeout=SEGMENT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+
+
+def finish_segment(proc: subprocess.Popen, out: Path) -> tuple[int, str, str]:
+    """The exit status, stdout and stderr of a :func:`start_segment` run, once it ends."""
+    try:
+        returncode = proc.wait(timeout=SEGMENT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
     return returncode, Path(f"{out}.stdout").read_text(), Path(f"{out}.stderr").read_text()
+
+
+def run_segment(flags: list, out: Path, env: dict) -> tuple[int, str, str]:
+    return finish_segment(start_segment(flags, out, env), out)
 
 
 def check_checkpoints(save: Path, expected: int, arch: ModelArch, args) -> None:
@@ -149,45 +157,57 @@ def test_runs_killed_at_seeded_points_resume_exactly_and_leave_nothing(tmp_path,
         return [*common(ckpt, prompts, tmp_path / run), "--use-lora", "--lora-r", 4, "--lr", 1e-2,
                 "--num-rollout", num_rollout, "--save", tmp_path / run / "save", "--save-interval", 1]
 
-    rc, out, err = run_segment(flags("reference"), tmp_path / "reference", env)
-    assert rc == 0, out[-2000:] + err[-3000:]
-    reference = {row["rollout_id"]: row for row in read_metrics(tmp_path / "reference" / "logs" / "metrics.jsonl")}
-    assert sorted(reference) == list(range(num_rollout))
-
+    # The uninterrupted reference run shares only the model and prompts with the chain: it runs beside
+    # the chain's first runs (a run is mostly start-up, which leaves a core idle at times) and is waited
+    # for before the last run, so that run's reaping and the final process check are as they always were.
+    reference_proc = start_segment(flags("reference"), tmp_path / "reference", env)
     save, metrics = tmp_path / "chain" / "save", tmp_path / "chain" / "logs" / "metrics.jsonl"
     base = flags("chain")
     args = parse_args([str(f) for f in base])
     arch = ModelArch.from_checkpoint(ckpt)
     done = 0  # rollouts saved so far: the next run resumes at this one
-    for i, (point, hit) in enumerate(chain):
-        where = f"run {i} ({ENV}={point}@{hit}, resuming at rollout {done})"
-        resume = ["--load", save] if newest_checkpoint(save) else []
-        rc, out, err = run_segment([*base, *resume], tmp_path / f"run{i}", {**env, ENV: f"{point}@{hit}"})
-        needs, logged, saved = outcome(point, hit)
-        assert done + needs <= num_rollout, where
-        if point.startswith("driver."):
-            assert rc == -signal.SIGKILL, f"{where}: exit {rc}\n{err[-3000:]}"
-        else:
-            assert rc == EXIT_RESUMABLE, f"{where}: exit {rc}\n{err[-3000:]}"
-            assert "Traceback" not in err, f"{where}\n{err[-5000:]}"
-            last = [line for line in err.splitlines() if line.strip()][-1]
-            who = "the rollout engine" if point.startswith("engine.") else "training rank 0"
-            assert last.startswith(f"error: {who} (pid "), f"{where}: {last}"
-            assert " died (" in last, f"{where}: {last}"
-            newest = (f"newest checkpoint: {save / iter_dir_name(done + saved - 1)} (rollout {done + saved - 1})"
-                      if done + saved else f"no checkpoint under --save {save} yet")
-            assert f"; {newest}; " in last, f"{where}: {last}"
-        # It died where it was told to: the rows it logged, the checkpoint it left.
-        assert [row["rollout_id"] for row in read_metrics(metrics)] == list(range(done + logged)), where
-        check_checkpoints(save, done + saved - 1, arch, args)
-        if point.startswith("trainer.save."):  # the half-written iteration is there, under its staging name only
-            dying = done + hit - 1
-            staging = save / f".{iter_dir_name(dying)}.tmp"
-            assert (staging / STATE_DIR / "rank_00000.safetensors").is_file(), where
-            assert (staging / META_FILE).is_file() == (point == "trainer.save.unpublished"), where
-            assert not (save / iter_dir_name(dying)).exists(), where
-            assert (save / LATEST_FILE).exists() == (dying > 0), where
-        done += saved
+    try:
+        for i, (point, hit) in enumerate(chain):
+            where = f"run {i} ({ENV}={point}@{hit}, resuming at rollout {done})"
+            resume = ["--load", save] if newest_checkpoint(save) else []
+            rc, out, err = run_segment([*base, *resume], tmp_path / f"run{i}", {**env, ENV: f"{point}@{hit}"})
+            needs, logged, saved = outcome(point, hit)
+            assert done + needs <= num_rollout, where
+            if point.startswith("driver."):
+                assert rc == -signal.SIGKILL, f"{where}: exit {rc}\n{err[-3000:]}"
+            else:
+                assert rc == EXIT_RESUMABLE, f"{where}: exit {rc}\n{err[-3000:]}"
+                assert "Traceback" not in err, f"{where}\n{err[-5000:]}"
+                last = [line for line in err.splitlines() if line.strip()][-1]
+                who = "the rollout engine" if point.startswith("engine.") else "training rank 0"
+                assert last.startswith(f"error: {who} (pid "), f"{where}: {last}"
+                assert " died (" in last, f"{where}: {last}"
+                newest = (f"newest checkpoint: {save / iter_dir_name(done + saved - 1)} (rollout {done + saved - 1})"
+                          if done + saved else f"no checkpoint under --save {save} yet")
+                assert f"; {newest}; " in last, f"{where}: {last}"
+            # It died where it was told to: the rows it logged, the checkpoint it left.
+            assert [row["rollout_id"] for row in read_metrics(metrics)] == list(range(done + logged)), where
+            check_checkpoints(save, done + saved - 1, arch, args)
+            if point.startswith("trainer.save."):  # the half-written iteration is there, under its staging name only
+                dying = done + hit - 1
+                staging = save / f".{iter_dir_name(dying)}.tmp"
+                assert (staging / STATE_DIR / "rank_00000.safetensors").is_file(), where
+                assert (staging / META_FILE).is_file() == (point == "trainer.save.unpublished"), where
+                assert not (save / iter_dir_name(dying)).exists(), where
+                assert (save / LATEST_FILE).exists() == (dying > 0), where
+            done += saved
+    except BaseException:  # the chain failed: its error is the one to see, and no run may outlive the test
+        reference_proc.terminate()  # SIGTERM: ray_cluster removes its Ray processes and temp dir
+        try:
+            reference_proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            reference_proc.kill()
+            reference_proc.wait()
+        raise
+    rc, out, err = finish_segment(reference_proc, tmp_path / "reference")
+    assert rc == 0, out[-2000:] + err[-3000:]
+    reference = {row["rollout_id"]: row for row in read_metrics(tmp_path / "reference" / "logs" / "metrics.jsonl")}
+    assert sorted(reference) == list(range(num_rollout))
 
     rc, out, err = run_segment([*base, "--load", save], tmp_path / "last", env)
     assert rc == 0, out[-2000:] + err[-3000:]

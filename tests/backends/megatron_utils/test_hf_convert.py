@@ -24,7 +24,7 @@ from tests._support.dist import run_distributed
 from tests._support.numerics import arch_tolerance, assert_close
 from tests._support.tiny_models import TINY_SHAPES, make_tiny_checkpoint
 
-SEQ, BATCH = 9, 2
+SEQ, BATCH = 10, 2  # even: sequence parallelism splits the sequence over TP
 
 
 def _arch(heads: int, groups: int, head_dim: int) -> ModelArch:
@@ -132,12 +132,13 @@ def test_name_tables():
 # ----------------------------------------------------------------------------- real models
 
 
-def _build(checkpoint: Path, tp: int = 1, *, lora: bool = False, pp: int = 1):
+def _build(checkpoint: Path, tp: int = 1, *flags: str, lora: bool = False, pp: int = 1):
+    """Our model of ``checkpoint`` at TP ``tp`` / PP ``pp`` (plus any other ``flags``), base weights loaded, eval mode."""
     from slime.backends.megatron_utils.model import get_model
     from slime.utils.arguments import parse_args
 
     argv = ["--hf-checkpoint", str(checkpoint), "--tensor-model-parallel-size", str(tp),
-            "--pipeline-model-parallel-size", str(pp)] + (["--use-lora", "--lora-r", "2"] if lora else [])
+            "--pipeline-model-parallel-size", str(pp), *flags] + (["--use-lora", "--lora-r", "2"] if lora else [])
     arch = ModelArch.from_checkpoint(checkpoint)
     args = parse_args(argv)
     chunks = get_model(args, arch, args.lora)

@@ -17,56 +17,11 @@ import torch
 
 from slime.backends.megatron_utils import hf_convert as hc
 from slime.backends.megatron_utils.arch import ModelArch
-from slime.backends.megatron_utils.parallel import gather_vocab
 from slime.utils.errors import UserError
 from tests._support.dist import run_distributed
-from tests._support.numerics import arch_tolerance, assert_close
+from tests._support.numerics import assert_close
 from tests._support.tiny_models import MOE_SHAPES, make_tiny_checkpoint
-
-SEQ, BATCH = 10, 2  # sequence parallel splits the sequence over TP
-
-
-def build(checkpoint: Path, *flags: str, lora: bool = False):
-    """Our model of ``checkpoint`` with ``flags`` (parallel layout), base weights loaded, eval mode."""
-    from slime.backends.megatron_utils.model import get_model
-    from slime.utils.arguments import parse_args
-
-    argv = ["--hf-checkpoint", str(checkpoint), *flags] + (["--use-lora", "--lora-r", "2"] if lora else [])
-    arch = ModelArch.from_checkpoint(checkpoint)
-    args = parse_args(argv)
-    chunks = get_model(args, arch, args.lora)
-    hc.load_hf_weights(chunks, arch, checkpoint)
-    for chunk in chunks:
-        chunk.eval()
-    return chunks, arch
-
-
-def inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    return ids, torch.arange(SEQ).expand(BATCH, SEQ)
-
-
-@torch.no_grad()
-def megatron_logits(chunks, arch) -> torch.Tensor:
-    ids, pos = inputs(arch.vocab_size)
-    return gather_vocab(chunks[0](ids, pos, None), arch.vocab_size)
-
-
-@torch.no_grad()
-def hf_logits(checkpoint: Path) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    return model(inputs(model.config.vocab_size)[0]).logits
-
-
-def round_trip_mismatches(exported: dict, checkpoint: Path) -> list[str]:
-    from safetensors.torch import load_file
-
-    expected = load_file(checkpoint / "model.safetensors")
-    if exported.keys() != expected.keys():
-        return sorted(exported.keys() ^ expected.keys())
-    return [k for k in expected if not torch.equal(exported[k], expected[k])]
+from tests.backends.megatron_utils.test_hf_convert import _build, _hf_logits, _megatron_logits, _round_trip_mismatches
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +91,12 @@ def test_name_tables_map_experts_by_global_index():
 @pytest.mark.numerics
 @pytest.mark.parametrize("shape", [s.name for s in MOE_SHAPES])
 def test_moe_logits_match_transformers_and_export_round_trips(shape, moe_checkpoints, single_process):
-    chunks, arch = build(moe_checkpoints[shape])
+    chunks, arch = _build(moe_checkpoints[shape])
     assert arch.is_moe and len(chunks[0].decoder.layers[0].mlp.experts.local_experts) == arch.num_experts
-    expected = hf_logits(moe_checkpoints[shape])
-    assert_close(megatron_logits(chunks, arch), expected, atol=1e-5, rtol=0,
+    expected = _hf_logits(moe_checkpoints[shape])
+    assert_close(_megatron_logits(chunks, arch), expected, atol=1e-5, rtol=0,
                  what=f"{shape}: megatron MoE vs transformers logits (fp32)")
-    assert round_trip_mismatches(hc.export_hf_weights(chunks, arch), moe_checkpoints[shape]) == []
+    assert _round_trip_mismatches(hc.export_hf_weights(chunks, arch), moe_checkpoints[shape]) == []
 
 
 @pytest.mark.numerics
@@ -150,17 +105,17 @@ def test_moe_checkpoint_of_another_expert_width_is_named(tmp_path, single_proces
     other = make_tiny_checkpoint(tmp_path, family="qwen3_moe", name="b", moe_intermediate_size=16)
     (path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(UserError, match=r"tensor model\.layers\.0\.mlp\.experts\.0\.\w+_proj\.weight has shape"):
-        build(path)
+        _build(path)
 
 
 # ----------------------------------------------------------------------------- EP=2 and TP=2
 
 
-def _layout_worker(rank: int, path: str, flags: list[str], reference: torch.Tensor) -> tuple[list[str], list[int]]:
-    chunks, arch = build(Path(path), *flags)
-    assert_close(megatron_logits(chunks, arch), reference, atol=1e-5, rtol=0, what=f"{flags}: megatron vs transformers")
+def _layout_worker(rank: int, path: str, tp: int, flags: list[str], reference: torch.Tensor) -> tuple[list[str], list[int]]:
+    chunks, arch = _build(Path(path), tp, *flags)
+    assert_close(_megatron_logits(chunks, arch), reference, atol=1e-5, rtol=0, what=f"{flags}: megatron vs transformers")
     local = chunks[0].decoder.layers[0].mlp.local_expert_indices
-    return round_trip_mismatches(hc.export_hf_weights(chunks, arch), Path(path)), list(local)
+    return _round_trip_mismatches(hc.export_hf_weights(chunks, arch), Path(path)), list(local)
 
 
 @pytest.mark.numerics
@@ -168,9 +123,9 @@ def _layout_worker(rank: int, path: str, flags: list[str], reference: torch.Tens
 def test_moe_parallel_layouts_match_transformers(layout, moe_checkpoints):
     path = moe_checkpoints["qwen3moe-e4-top2"]
     flags = {"ep2": ["--expert-model-parallel-size", "2", "--actor-num-gpus-per-node", "2"],
-             "tp2-sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"]}[layout]
+             "tp2-sp": ["--sequence-parallel"]}[layout]
     tp, ep = (1, 2) if layout == "ep2" else (2, 1)
-    results = run_distributed(_layout_worker, 2, tp=tp, ep=ep, args=(str(path), flags, hf_logits(path)))
+    results = run_distributed(_layout_worker, 2, tp=tp, ep=ep, args=(str(path), tp, flags, _hf_logits(path)))
     assert [mismatches for mismatches, _ in results] == [[], []]
     experts = [local for _, local in results]
     assert experts == ([[0, 1], [2, 3]] if ep == 2 else [[0, 1, 2, 3]] * 2)
