@@ -16,7 +16,6 @@ applies to every bundle of a group); ``--colocate`` over several nodes is refuse
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from slime.ray.cluster import create_placement_group
 from slime.ray.rollout import RolloutManager
 from slime.rollout.batch import RolloutBatch
 from slime.rollout.engine import POLICY_ADAPTER
+from slime.rollout.engines import cpu_threads
 from slime.utils.allocator import allocator_env
 from slime.utils.errors import UserError
 
@@ -89,7 +89,7 @@ class TrainGroup:
     def __init__(self, args: argparse.Namespace, pgs: PlacementGroups) -> None:
         self.infos: list[dict] = []  # what each rank's init returned (pid, trainable count)
         self.tasks = [t.name for t in args.tasks]
-        threads = max(1, (os.cpu_count() or 1) // args.world_size)
+        threads = cpu_threads(args)[0]
         self.group = RayActorGroup(MegatronTrainRayActor, args.world_size, pgs.actor_group,
                                    use_gpu=torch.cuda.is_available(), first_bundle=pgs.actor_bundles.start,
                                    actors_per_bundle=pgs.actors_per_bundle, name="training", timeout_s=args.actor_timeout,

@@ -48,7 +48,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "hf_checkpoint_dir": args.hf_checkpoint,
         "dtype": torch.bfloat16 if args.bf16 else torch.float32,
-        "num_threads": args.rollout_num_threads or os.cpu_count(),
+        "num_threads": cpu_threads(args)[1],
         "merge_adapters": args.rollout_merge_lora,
     }
     if args.rollout_engine == "vllm":
@@ -92,3 +92,18 @@ def vllm_options(args: argparse.Namespace) -> Any:
         request_timeout_s=args.actor_timeout or None, lora_rank=max_rank(args) if args.lora else 16,
         max_loras=args.vllm_max_loras, max_model_len=args.vllm_max_model_len, kv_cache_gib=args.vllm_kv_cache_gib,
         seed=args.seed, log_dir=args.log_dir, extra_args=shlex.split(args.vllm_extra_args or ""))
+
+
+def cpu_threads(args: argparse.Namespace) -> tuple[int, int]:
+    """(torch threads per training process, per rollout engine) on this machine's cores.
+
+    Synchronous loop: each side has the machine while it runs (the trainers split it).  With
+    ``--async-rollout`` both run at once, so the cores are split among the trainers and the
+    engines: oversubscribed, their OpenMP threads spin against each other (measured on 2 cores:
+    a rollout and a training step each 7-8x slower than alone).  ``--rollout-num-threads`` wins.
+    """
+    cores = os.cpu_count() or 1
+    if args.async_rollout:
+        share = max(1, cores // (args.world_size + args.rollout_num_engines))
+        return share, args.rollout_num_threads or share
+    return max(1, cores // args.world_size), args.rollout_num_threads or cores
