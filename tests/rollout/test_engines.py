@@ -85,3 +85,13 @@ def test_a_rollouts_groups_are_split_whole_among_the_engines():
     assert engine_shares(8, 4, 3) == [slice(0, 4), slice(4, 8)]  # an engine without a group sits out
     shares = engine_shares(100, 1, 7)
     assert sum(s.stop - s.start for s in shares) == 100 and all(a.stop == b.start for a, b in zip(shares, shares[1:]))
+
+
+def test_overlapped_runs_split_the_cores_between_trainers_and_engines(monkeypatch):
+    from slime.rollout.engines import cpu_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    flags = ["--hf-checkpoint", "ckpt", "--use-lora", "--actor-num-gpus-per-node", "2"]
+    assert cpu_threads(parse_args(flags)) == (4, 8)  # synchronous: each side has the machine in turn
+    assert cpu_threads(parse_args([*flags, "--async-rollout"])) == (2, 2)  # 2 trainers + 1 engine at once
+    assert cpu_threads(parse_args([*flags, "--async-rollout", "--rollout-num-threads", "5"])) == (2, 5)
