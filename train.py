@@ -41,7 +41,7 @@ def train(args) -> dict:
     cpus = max(num_bundles(args), os.cpu_count() or 1)  # a private cluster's; a joined one has its own
     with ray_cluster(num_cpus=cpus, address=args.ray_address), actor_failures_end_the_run(args):
         pgs = create_placement_groups(args)
-        rollout_manager = create_rollout_manager(args, pgs)
+        rollout_manager = create_rollout_manager(args, pgs)  # the engines load while the trainers start
         actor_model = create_training_models(args, pgs)
         pids = [*rollout_manager.engine_pids, *actor_model.pids()]
         for pid in pids:

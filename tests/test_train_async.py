@@ -30,10 +30,17 @@ def runs(tmp_path_factory):
 
 
 def test_the_first_rollout_equals_the_synchronous_runs(runs):
+    """Same samples, same update.  Overlapped, the trainer and the engine each get a share of the
+    cores (``cpu_threads``), so float sums may round differently in the last bits on some CPUs
+    (measured on one: the gap 1.25e-7 against 1.32e-7); a rollout of another version or another
+    update would differ by orders of magnitude more."""
     sync, overlapped = runs["sync"][0], runs["async"][0]
-    for key in ("rollout/reward_mean", "rollout/response_len_mean", "train/loss", "train/kl", "train/grad_norm",
-                "train/rollout_logprob_abs_diff"):
+    for key in ("rollout/reward_mean", "rollout/response_len_mean", "rollout/zero_std_groups"):
         assert overlapped[key] == sync[key], key
+    for key in ("train/loss", "train/kl", "train/grad_norm"):
+        assert_close(overlapped[key], sync[key], rtol=1e-5, atol=1e-9, what=key)
+    assert_close(overlapped["train/rollout_logprob_abs_diff"], sync["train/rollout_logprob_abs_diff"], rtol=0,
+                 atol=1e-6, what="gap")
 
 
 def test_later_rollouts_are_one_version_behind_and_the_gap_holds(runs):

@@ -167,7 +167,7 @@ def _weights_errors(args: argparse.Namespace, arch: ModelArch | None) -> list[st
     """--hf-checkpoint's safetensors: present, and headers that cover the files (truncation); no tensor is read."""
     if arch is None:
         return []
-    from slime.backends.megatron_utils.hf_convert import CheckpointReader
+    from slime.backends.megatron_utils.hf_checkpoint import CheckpointReader
 
     try:
         CheckpointReader(args.hf_checkpoint, arch)

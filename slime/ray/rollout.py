@@ -101,20 +101,28 @@ class RolloutManager:
     """Generates and scores one rollout at a time; evaluates the held-out sets."""
 
     def __init__(self, args: argparse.Namespace, group: PlacementGroup, bundles: range) -> None:
+        """Starts the engines and returns without waiting for them: they load their model while the
+        caller starts the trainers; :attr:`engine_pids` waits until they are up."""
         from transformers import AutoTokenizer
 
         self.args = args
-        self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
-        positions = ModelArch.from_checkpoint(args.hf_checkpoint).max_position_embeddings
-        self.tasks = build_tasks(args, self.tokenizer, positions)
         # Independent actors (no torch.distributed world), each running the chosen engine class.
         self.engines = RayActorGroup(engine_class(args.rollout_engine), len(bundles), group,
                                      use_gpu=torch.cuda.is_available(), kwargs=engine_kwargs(args),
                                      first_bundle=bundles.start, env_vars=allocator_env(args.allocator),
                                      distributed=False, name="the rollout engine", timeout_s=args.actor_timeout)
-        self.engine_pids: list[int] = self.engines.call("pid")
-        self.engines.pids = self.engine_pids  # failure reports name the process
+        self._pid_refs = self.engines.async_call("pid")
+        self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
+        positions = ModelArch.from_checkpoint(args.hf_checkpoint).max_position_embeddings
+        self.tasks = build_tasks(args, self.tokenizer, positions)
         self.policy_version = 0  # the trainer version of the newest weights handed to the engines
+
+    @property
+    def engine_pids(self) -> list[int]:
+        """The engines' process ids, once every engine has started (the first access waits)."""
+        if not self.engines.pids:
+            self.engines.pids = self.engines.get(self._pid_refs, "pid")  # failure reports name the process
+        return self.engines.pids
 
     @property
     def multitask(self) -> bool:

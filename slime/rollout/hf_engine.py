@@ -46,6 +46,7 @@ from peft.utils.transformers_weight_conversion import (
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 from slime.rollout.engine import POLICY_ADAPTER, GenerateOutput, LoraNames, SamplingParams, WeightUpdate
+from slime.rollout.sampling import sample_tokens
 from slime.utils.errors import UserError
 from slime.utils.failpoints import failpoint
 from slime.utils.peft_format import PEFT_KEY_PREFIX, read_peft_adapter, validate_adapter_config
@@ -158,7 +159,7 @@ class HFRolloutEngine:
         live = torch.arange(len(prompts))  # request index of each batch row
         stop = torch.tensor(stop_ids, dtype=torch.long)
         for step in range(params.max_new_tokens):
-            next_tokens, next_logprobs = _sample(logits, params, generator)
+            next_tokens, next_logprobs = sample_tokens(logits, params, generator)
             for row, tok, lp in zip(live.tolist(), next_tokens.tolist(), next_logprobs.tolist()):
                 tokens[row].append(tok)
                 logprobs[row].append(lp)
@@ -371,53 +372,6 @@ class _Adapter:
     signature: dict  # config fields (as in the file) that fix parameter shapes and the forward pass
     config: peft.LoraConfig  # as injected: for MoE experts, peft's fused layout
     params: dict[str, torch.Tensor]  # PEFT key (no adapter name) -> live parameter
-
-
-# ---------------------------------------------------------------------- sampling
-
-
-def _sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row of ``logits [b, V]``; return ``(tokens [b], logprobs [b])``.
-
-    ``logprobs = log_softmax(logits / T)[token]`` in fp32 over the full vocabulary
-    (T = 1 when greedy), i.e. before top-k/top-p: the quantity the trainer recomputes.
-    """
-    scaled = logits.float() / params.logprob_temperature
-    logp = torch.log_softmax(scaled, dim=-1)
-    if params.greedy:
-        tokens = scaled.argmax(dim=-1)
-    else:
-        filtered = _truncate(scaled, params.top_k, params.top_p)
-        probs = logp.exp() if filtered is scaled else torch.softmax(filtered, dim=-1)
-        # Inverse-CDF sampling: one uniform per row. torch.multinomial draws an exponential per
-        # vocabulary entry instead, 13% of decoding time at a 49k vocabulary.
-        cdf = probs.cumsum(dim=-1)
-        u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
-
-
-def _truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k, then outside the top-p nucleus, to -inf (``scaled`` itself if neither applies).
-
-    The nucleus is the smallest prefix of tokens sorted by probability whose mass
-    reaches ``top_p``: token i is kept iff the mass strictly before it is < top_p,
-    so the most likely token always survives.
-    """
-    out = scaled
-    if 0 < top_k < scaled.shape[-1]:
-        kth = torch.topk(out, top_k, dim=-1).values[:, -1:]
-        out = out.masked_fill(out < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        out = out.masked_fill(drop, float("-inf"))
-    return out
 
 
 # --------------------------------------------------------------- batching helpers

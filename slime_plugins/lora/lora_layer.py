@@ -37,6 +37,7 @@ from torch import nn
 from slime.backends.megatron_utils.parallel import group_rank_size
 from slime.utils.lora_config import hparam_errors, lora_scaling, rank_errors, resolve_targets, target_matches
 from slime_plugins.lora.input_recompute import down_project
+from slime_plugins.lora.up_projection import AddScaledUpProjection
 
 DEFAULT_ADAPTER = "default"
 
@@ -267,7 +268,7 @@ class LoRALinear(nn.Module):
         if result.dtype != self.lora_B.dtype or not result.is_contiguous():
             return result + (F.linear(h, self.lora_B) * self.scaling).to(result.dtype)
         inplace = self._output_writable and not result._is_view()
-        return _AddScaledUpProjection.apply(result, h, self.lora_B, self.scaling, inplace)
+        return AddScaledUpProjection.apply(result, h, self.lora_B, self.scaling, inplace)
 
     def _communicate(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "plain":
@@ -305,38 +306,6 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base_layer.weight.sub_((self.lora_B @ self.lora_A).to(self.base_layer.weight.dtype), alpha=self.scaling)
             self.merged = False
-
-
-class _AddScaledUpProjection(torch.autograd.Function):
-    """``out + s * h @ B^T``, written into ``out`` when ``inplace``; ``out [..., o]``, ``h [..., r]``, ``B [o, r]``.
-
-    Backward with ``g = dL/d out`` flattened to ``[N, o]``:
-    ``dL/dh = s * g @ B`` ``[N, r]`` and ``dL/dB = s * (h^T @ g)^T`` ``[o, r]``; ``out`` passes
-    ``g`` through.  ``h^T @ g`` streams ``g`` along its rows, about twice as fast on CPU BLAS as
-    ``g^T @ h`` when ``N >> r``; the scale lands on the small ``[N, r]`` / ``[r, o]`` products.
-    """
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: float, inplace: bool) -> torch.Tensor:
-        ctx.save_for_backward(h, B)
-        ctx.scaling = scaling
-        flat_out, flat_h = out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
-        if not inplace:  # a fresh tensor, not a view of one (callers may write into it)
-            new = torch.empty_like(out, memory_format=torch.contiguous_format)
-            torch.addmm(flat_out, flat_h, B.t(), alpha=scaling, out=new.view(-1, out.shape[-1]))
-            return new
-        flat_out.addmm_(flat_h, B.t(), alpha=scaling)
-        ctx.mark_dirty(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        h, B = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        h2 = h.reshape(-1, h.shape[-1])
-        grad_h = torch.mm(g2, B).mul_(ctx.scaling).view(h.shape) if ctx.needs_input_grad[1] else None
-        grad_B = torch.mm(h2.t(), g2).mul_(ctx.scaling).t() if ctx.needs_input_grad[2] else None
-        return g, grad_h, grad_B, None, None
 
 
 def _save_base_under_own_names(module, state_dict, prefix, local_metadata) -> None:

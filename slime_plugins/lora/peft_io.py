@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from slime.backends.megatron_utils.arch import ModelArch
+from slime.backends.megatron_utils.hf_checkpoint import hf_param_shapes
 from slime.backends.megatron_utils.hf_convert import (
     gather_expert_ranks,
     gather_tp,
@@ -52,7 +53,6 @@ from slime.backends.megatron_utils.hf_convert import (
     global_module,
     hf_from_megatron,
     hf_names,
-    hf_param_shapes,
     local_experts,
     megatron_from_hf,
     megatron_param_kind,

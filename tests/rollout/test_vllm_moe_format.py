@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from slime.backends.megatron_utils.arch import ModelArch
-from slime.backends.megatron_utils.hf_convert import hf_names, hf_param_shapes, split_megatron_name
+from slime.backends.megatron_utils.hf_checkpoint import hf_param_shapes
+from slime.backends.megatron_utils.hf_convert import hf_names, split_megatron_name
 from slime.rollout.engines import vllm_moe_lora_error
 from slime.rollout.vllm_server import find_vllm_python, vllm_lora_rank, vllm_python_error
 from slime.utils.arguments import build_parser

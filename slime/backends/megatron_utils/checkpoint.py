@@ -154,7 +154,8 @@ def _save_weights(iter_dir: Path, chunks: Sequence[nn.Module], arch: ModelArch, 
     if args.lora is not None:
         save_peft_adapter(chunks, arch, args.lora, iter_dir / "adapter", base_model_name_or_path=args.hf_checkpoint)
         return
-    from slime.backends.megatron_utils.hf_convert import export_hf_weights, save_hf_checkpoint
+    from slime.backends.megatron_utils.hf_checkpoint import save_hf_checkpoint
+    from slime.backends.megatron_utils.hf_convert import export_hf_weights
 
     state_dict = export_hf_weights(chunks, arch)
     if global_rank() == 0:

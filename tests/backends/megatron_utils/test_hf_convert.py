@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from slime.backends.megatron_utils import hf_convert as hc
 from slime.backends.megatron_utils.arch import ModelArch
+from slime.backends.megatron_utils.hf_checkpoint import save_hf_checkpoint
 from slime.backends.megatron_utils.parallel import gather_vocab
 from slime.utils.errors import UserError
 from tests._support.dist import run_distributed
@@ -225,10 +226,10 @@ def test_save_hf_checkpoint_is_loadable_by_transformers(tmp_path, checkpoints, s
     path = checkpoints["qwen3-gqa1-tied"]
     chunks, arch = _build(path)
     config = json.loads((path / "config.json").read_text())
-    out = hc.save_hf_checkpoint(hc.export_hf_weights(chunks, arch), config, tmp_path / "out")
+    out = save_hf_checkpoint(hc.export_hf_weights(chunks, arch), config, tmp_path / "out")
     assert torch.allclose(_hf_logits(out), _hf_logits(path), atol=0, rtol=0)
     (out / "tokenizer.json").write_text("{}")  # a second save into the directory keeps other files
-    hc.save_hf_checkpoint(hc.export_hf_weights(chunks, arch), config, out)
+    save_hf_checkpoint(hc.export_hf_weights(chunks, arch), config, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
 

@@ -253,14 +253,14 @@ def test_every_add_delta_path_matches_the_formula_in_values_and_grads():
 
 
 def test_scaled_up_projection_gradcheck():
-    from slime_plugins.lora.lora_layer import _AddScaledUpProjection
+    from slime_plugins.lora.up_projection import AddScaledUpProjection
 
     torch.manual_seed(0)
     h = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     B = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     for inplace in (True, False):
         def f(out, h, B):
-            return _AddScaledUpProjection.apply(out.clone(), h, B, 1.7, inplace)
+            return AddScaledUpProjection.apply(out.clone(), h, B, 1.7, inplace)
 
         out = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(f, (out, h, B))
