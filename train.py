@@ -43,7 +43,7 @@ def train(args) -> dict:
         pgs = create_placement_groups(args)
         rollout_manager = create_rollout_manager(args, pgs)  # the engines load while the trainers start
         actor_model = create_training_models(args, pgs)
-        pids = [*rollout_manager.engine_pids, *actor_model.pids()]
+        pids = [*rollout_manager.wait_ready(), *actor_model.pids()]
         for pid in pids:
             memory.add_pid(pid)
         print(f"trainer ranks on nodes: {', '.join(actor_model.group.node_ids())}", flush=True)

@@ -102,7 +102,7 @@ class RolloutManager:
 
     def __init__(self, args: argparse.Namespace, group: PlacementGroup, bundles: range) -> None:
         """Starts the engines and returns without waiting for them: they load their model while the
-        caller starts the trainers; :attr:`engine_pids` waits until they are up."""
+        caller starts the trainers; :meth:`wait_ready` waits until they are up."""
         from transformers import AutoTokenizer
 
         self.args = args
@@ -117,11 +117,9 @@ class RolloutManager:
         self.tasks = build_tasks(args, self.tokenizer, positions)
         self.policy_version = 0  # the trainer version of the newest weights handed to the engines
 
-    @property
-    def engine_pids(self) -> list[int]:
-        """The engines' process ids, once every engine has started (the first access waits)."""
-        if not self.engines.pids:
-            self.engines.pids = self.engines.get(self._pid_refs, "pid")  # failure reports name the process
+    def wait_ready(self) -> list[int]:
+        """Wait until every engine has started; their process ids (failure reports name them too)."""
+        self.engines.pids = self.engines.get(self._pid_refs, "pid")
         return self.engines.pids
 
     @property
